@@ -1,0 +1,200 @@
+"""The ``kefu`` command: the only place that reads the configuration.
+
+    kefu serve [--host H] [--port P]   gateway (web chat, webhooks, health) on one port
+    kefu chat [--session NAME]         talk to the bot in the terminal (or pipe lines in)
+    kefu db upgrade                    create or migrate the database schema
+    kefu seed-demo                     add demo customers, orders and FAQ (idempotent)
+    kefu check                         what is configured and whether it answers
+
+Exit codes: 0 success, 1 something required is down or failed, 2 invalid configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from bots.logs import setup_logging
+from core.errors import ConfigError, KefuError
+from core.settings import Settings, load_settings
+
+T = TypeVar("T")
+
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+log = logging.getLogger("kefu")
+
+app = typer.Typer(
+    name="kefu",
+    help="kefu customer-service bot: gateway, terminal chat and operator commands.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"kefu: {message}", err=True)
+    return typer.Exit(code)
+
+
+@app.callback()
+def _main(ctx: typer.Context) -> None:
+    """Read the settings once, set up logging, and hand the settings to the command."""
+    if ctx.resilient_parsing:  # shell completion: no side effects
+        return
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        raise _fail(str(exc), EXIT_CONFIG) from None
+    level = settings.log_level
+    if ctx.invoked_subcommand == "chat" and "log_level" not in settings.model_fields_set:
+        # The chat shares the terminal with its logs: only problems unless asked for more.
+        level = "WARNING"
+    setup_logging(level=level, fmt=settings.log_format)
+    ctx.obj = settings
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings = ctx.find_root().obj
+    assert isinstance(settings, Settings)
+    return settings
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; configuration and dependency errors become a message and an exit code."""
+    try:
+        return asyncio.run(coro)
+    except ConfigError as exc:
+        raise _fail(str(exc), EXIT_CONFIG) from None
+    except KefuError as exc:
+        log.debug("command failed", exc_info=True)
+        raise _fail(str(exc), EXIT_FAILED) from None
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Run the gateway: web chat on /, WebSocket /ws, /healthz, /readyz (and the platform webhooks)."""
+    import uvicorn
+
+    from bots.gateway import create_app
+
+    settings = _settings(ctx)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=None,  # keep the logging set up above (JSON or console)
+        ws_max_size=1024 * 1024,  # frames above 64 KB get an error frame; far above that, a close
+        timeout_graceful_shutdown=30,
+        proxy_headers=True,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    log.info("serving on http://%s:%d/", host, port)
+    try:
+        server.run()
+    except ConfigError as exc:
+        raise _fail(str(exc), EXIT_CONFIG) from None
+    if not server.started:
+        # uvicorn has logged why the start-up (database, model...) failed.
+        raise _fail("the gateway did not start", EXIT_FAILED)
+
+
+@app.command()
+def chat(
+    ctx: typer.Context,
+    session: Annotated[
+        str | None,
+        typer.Option(help="Conversation name (default: your OS user name); the history is kept per name."),
+    ] = None,
+) -> None:
+    """Chat with the bot in this terminal; with a pipe, one message per line and one answer per line."""
+    from bots.terminal import run_chat, valid_session
+
+    if session is not None and not valid_session(session):
+        raise _fail("--session must be 1-64 characters of A-Z a-z 0-9 _ . @ -", EXIT_CONFIG)
+    try:
+        _run(run_chat(_settings(ctx), session=session))
+    except KeyboardInterrupt:
+        typer.echo("", err=False)
+        raise typer.Exit(0) from None
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Create the database or migrate it to the schema this version needs."""
+    from core.db.database import Database
+    from core.db.migrate import head_revision, upgrade
+
+    settings = _settings(ctx)
+    safe_url = Database(url=settings.database_url).safe_url
+    try:
+        upgrade(settings.database_url)
+    except KefuError as exc:
+        raise _fail(str(exc), EXIT_FAILED) from None
+    typer.echo(f"database {safe_url} is at schema {head_revision()}")
+
+
+@app.command("seed-demo")
+def seed_demo(ctx: typer.Context) -> None:
+    """Add the demo customers, orders and FAQ entries that are missing (safe to run again)."""
+    settings = _settings(ctx)
+    counts = _run(_seed(settings))
+    added = sum(counts.values())
+    for name, count in counts.items():
+        typer.echo(f"{name}: {count} added")
+    if not added:
+        typer.echo("demo data already present")
+
+
+async def _seed(settings: Settings) -> dict[str, int]:
+    from core.db.database import Database
+    from core.db.migrate import upgrade_async
+    from core.demo import seed_demo as seed
+
+    await upgrade_async(settings.database_url)
+    async with Database(url=settings.database_url) as db:
+        return await seed(db)
+
+
+@app.command()
+def check(ctx: typer.Context) -> None:
+    """Show which platforms are on and whether database, Redis and model answer (exit 1 if not)."""
+    from bots.doctor import run_checks
+
+    settings = _settings(ctx)
+    findings = _run(run_checks(settings))
+    typer.echo("kefu check")
+    for finding in findings:
+        typer.echo(finding.render())
+    failed = [f.name for f in findings if f.status == "fail"]
+    if failed:
+        raise _fail("not ready: " + ", ".join(dict.fromkeys(failed)), EXIT_FAILED)
+    typer.echo("ready")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    # Chinese answers on a terminal or pipe whose encoding is not UTF-8 must not crash the output.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="replace")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""SQL persistence: SQLModel tables, the async engine, Alembic migrations."""

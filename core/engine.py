@@ -1,0 +1,314 @@
+"""The conversation engine: one inbound message in, one reply out (streamed or whole).
+
+For each message, under the conversation's lock: clean and check the input, open the conversation,
+update its pinned facts, read the turns not yet summarised, build the prompt under the token budget, run
+the model/tool loop, persist the customer's message, every tool call and result and the answer, and
+return the reply. After the reply, turns that left the window are folded into the summary in the
+background. Failures are contained per message: the customer always gets an answer (a fixed apology in
+their language when nothing else works) and the error is logged with the conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from core.context import ContextBuilder, split_turns
+from core.conversations import ConversationStore
+from core.db.models import Conversation, Message
+from core.errors import LLMError
+from core.llm.base import ChatMessage, ChatModel, ChatRequest, ChatResponse
+from core.memory import add_note, extract_facts
+from core.messages import InboundMessage, Reply, ReplyDelta, ReplyDone, ReplyEvent, ReplySource
+from core.sanitize import clean_text, looks_like_garbage
+from core.stores.base import StateStore
+from core.summary import Summarizer
+from core.texts import text as fixed_text
+from tools.context import ToolContext
+from tools.registry import ToolRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_input_chars: int = 4000
+    max_tool_rounds: int = 4
+    lock_ttl: float = 30.0
+    """Seconds a crashed holder keeps a conversation locked; renewed while a live holder works."""
+    lock_wait: float = 300.0
+    """How long a message waits behind the one being answered in the same conversation."""
+
+
+DEFAULT_LIMITS = EngineLimits()
+
+
+@dataclass
+class _Turn:
+    """What one answer accumulates before it is stored."""
+
+    rows: list[Message]
+    pinned: dict[str, Any]
+    answer: str = ""
+    source: ReplySource = ReplySource.MODEL
+    meta: dict[str, Any] | None = None
+
+
+class Engine:
+    """Answers customer messages. Knows no platform: adapters translate in and out."""
+
+    def __init__(
+        self,
+        *,
+        conversations: ConversationStore,
+        store: StateStore,
+        model: ChatModel,
+        tools: ToolRegistry,
+        system_prompt: str,
+        context: ContextBuilder,
+        summarizer: Summarizer | None = None,
+        limits: EngineLimits = DEFAULT_LIMITS,
+    ) -> None:
+        self._conversations = conversations
+        self._store = store
+        self._model = model
+        self._tools = tools
+        self._system_prompt = system_prompt
+        self._context = context
+        self._summarizer = summarizer
+        self._limits = limits
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def handle(self, message: InboundMessage) -> Reply:
+        """Answer ``message`` and return the whole reply."""
+        reply: Reply | None = None
+        async for event in self.stream(message):
+            if isinstance(event, ReplyDone):
+                reply = event.reply
+        assert reply is not None  # stream() always ends with ReplyDone
+        return reply
+
+    async def stream(self, message: InboundMessage) -> AsyncIterator[ReplyEvent]:
+        """Answer ``message``, yielding text deltas as the model writes and always a final ReplyDone.
+
+        Deltas are provisional: the ReplyDone text is what was stored and must be shown in the end.
+        """
+        text = clean_text(message.text)
+        if not text:
+            log.info("empty message", extra=_log_extra(message))
+            yield ReplyDone(reply=self._fixed(message, "empty_input"))
+            return
+        if len(text) > self._limits.max_input_chars:
+            log.info("message over %d characters", self._limits.max_input_chars, extra=_log_extra(message))
+            yield ReplyDone(reply=self._fixed(message, "input_too_long", limit=self._limits.max_input_chars))
+            return
+        try:
+            lock = self._store.lock(
+                f"lock:conversation:{message.key}", ttl=self._limits.lock_ttl, wait=self._limits.lock_wait
+            )
+            async with lock:
+                async for event in self._answer(message, text):
+                    yield event
+        except Exception:
+            log.error("could not answer message", exc_info=True, extra=_log_extra(message))
+            yield ReplyDone(reply=self._fixed(message, "apology"))
+
+    async def wait_idle(self) -> None:
+        """Wait for background work (summaries) to finish: at shutdown and in tests."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _answer(self, message: InboundMessage, text: str) -> AsyncIterator[ReplyEvent]:
+        conversations = self._conversations
+        conversation = await conversations.get_or_create(
+            message.key, user_id=message.user_id, language=message.language
+        )
+        assert conversation.id is not None
+        history = await conversations.recent_messages(
+            conversation.id,
+            turns=4 * (self._context.budget.history_turns + self._context.budget.block_turns),
+            after_id=conversation.summarized_upto,
+        )
+        # The customer's message is stored before the model runs: a model or process failure
+        # never loses it.
+        await conversations.append(
+            conversation.id,
+            [
+                Message(
+                    conversation_id=conversation.id,
+                    role="user",
+                    content=text,
+                    platform_message_id=message.message_id,
+                )
+            ],
+        )
+        turn = _Turn(rows=[], pinned=extract_facts(text, conversation.pinned))
+        built = self._context.build(
+            system_prompt=self._system_prompt,
+            tools=self._tools.specs(),
+            pinned=turn.pinned,
+            summary=conversation.summary,
+            history=history,
+            user_text=text,
+        )
+        started = time.perf_counter()
+        try:
+            async for delta in self._run_model(message, conversation, built.messages, built.tokens, turn):
+                yield ReplyDelta(text=delta)
+        except LLMError as exc:
+            log.warning("model failed: %s", exc, extra=_log_extra(message))
+            turn.answer, turn.source = fixed_text("apology", message.language), ReplySource.SYSTEM
+            turn.meta = {"error": type(exc).__name__}
+        meta = turn.meta or {}
+        meta["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        meta["context_tokens"] = built.tokens
+        if built.input_cut:
+            turn.answer = f"{fixed_text('input_cut', message.language)}\n{turn.answer}"
+        turn.rows.append(
+            Message(
+                conversation_id=conversation.id,
+                role="assistant",
+                content=turn.answer,
+                source=turn.source.value,
+                meta=meta,
+            )
+        )
+        await conversations.append(conversation.id, turn.rows)
+        if turn.pinned != conversation.pinned:
+            await conversations.update(conversation.id, pinned=turn.pinned)
+        yield ReplyDone(reply=self._reply(message, turn.answer, turn.source))
+        if len(split_turns(history)) + 1 >= (
+            self._context.budget.history_turns + self._context.budget.block_turns
+        ):
+            self._fold_later(conversation.id)
+
+    async def _run_model(
+        self,
+        message: InboundMessage,
+        conversation: Conversation,
+        prompt: list[ChatMessage],
+        estimated_tokens: int,
+        turn: _Turn,
+    ) -> AsyncIterator[str]:
+        """The model/tool loop; fills ``turn`` and yields answer deltas."""
+        assert conversation.id is not None
+        ctx = ToolContext(
+            key=message.key,
+            conversation_id=conversation.id,
+            user_id=message.user_id,
+            message_id=message.message_id,
+            language=message.language,
+            db=self._conversations.db,
+            store=self._store,
+            extras=dict(message.extras),
+        )
+        response: ChatResponse | None = None
+        for round_no in range(self._limits.max_tool_rounds + 1):
+            offer_tools = round_no < self._limits.max_tool_rounds and len(self._tools) > 0
+            request = ChatRequest(messages=tuple(prompt), tools=self._tools.specs() if offer_tools else ())
+            response = None
+            async for chunk in self._model.stream(request):
+                if chunk.delta:
+                    yield chunk.delta
+                if chunk.done:
+                    response = chunk.response
+            if response is None:
+                raise LLMError("model stream ended without a final response")
+            self._check_context(message, response, estimated_tokens if round_no == 0 else None)
+            if not response.tool_calls:
+                break
+            prompt.append(ChatMessage.assistant(response.content, response.tool_calls))
+            turn.rows.append(
+                Message(
+                    conversation_id=conversation.id,
+                    role="assistant",
+                    content=response.content,
+                    tool_calls=[c.model_dump() for c in response.tool_calls],
+                )
+            )
+            for call in response.tool_calls:
+                result = await self._tools.call(call, ctx)
+                for label, value in result.facts.items():
+                    turn.pinned = add_note(turn.pinned, label, value)
+                content = self._context.fit_tool_result(result.content, prompt=prompt, tools=request.tools)
+                prompt.append(ChatMessage.tool(call, content))
+                turn.rows.append(
+                    Message(
+                        conversation_id=conversation.id,
+                        role="tool",
+                        content=result.content,
+                        tool_name=call.name,
+                        tool_call_id=call.id,
+                        meta={"ok": result.ok},
+                    )
+                )
+        assert response is not None
+        turn.answer = response.content.strip()
+        turn.meta = {
+            "prompt_tokens": response.usage.prompt_tokens,
+            "completion_tokens": response.usage.completion_tokens,
+            "cached_tokens": response.usage.cached_tokens,
+            "truncated": response.truncated,
+        }
+        if response.tool_calls or looks_like_garbage(turn.answer):
+            log.warning("model gave no usable answer", extra=_log_extra(message))
+            turn.answer, turn.source = fixed_text("apology", message.language), ReplySource.SYSTEM
+            turn.meta["error"] = "unusable_answer"
+
+    def _check_context(self, message: InboundMessage, response: ChatResponse, estimated: int | None) -> None:
+        if response.truncated:
+            log.error(
+                "the model server cut the prompt (context full): answers may ignore the system prompt",
+                extra=_log_extra(message),
+            )
+        actual = response.usage.prompt_tokens
+        if estimated and actual > estimated * 1.1 + 16:
+            log.warning(
+                "prompt took %d tokens on the server, %d estimated: raise the safety margin",
+                actual,
+                estimated,
+                extra=_log_extra(message),
+            )
+
+    def _fold_later(self, conversation_id: int) -> None:
+        if self._summarizer is None:
+            return
+        summarizer = self._summarizer
+        keep = self._context.budget.history_turns
+
+        async def fold() -> None:
+            marker = f"summarizing:{conversation_id}"
+            # One fold per conversation at a time across processes.
+            if not await self._store.set_if_absent(marker, "1", ttl=300):
+                return
+            try:
+                await summarizer.fold(conversation_id, keep_turns=keep)
+            except Exception:
+                log.error("summary failed", exc_info=True, extra={"conversation_id": conversation_id})
+            finally:
+                await self._store.delete(marker)
+
+        task = asyncio.create_task(fold(), name=f"summary:{conversation_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _reply(self, message: InboundMessage, answer: str, source: ReplySource) -> Reply:
+        return Reply(
+            key=message.key,
+            text=answer,
+            language=message.language,
+            in_reply_to=message.message_id,
+            source=source,
+            extras=dict(message.extras),
+        )
+
+    def _fixed(self, message: InboundMessage, name: str, **values: object) -> Reply:
+        return self._reply(message, fixed_text(name, message.language, **values), ReplySource.SYSTEM)
+
+
+def _log_extra(message: InboundMessage) -> dict[str, str]:
+    return {"conversation": str(message.key), "message_id": message.message_id}

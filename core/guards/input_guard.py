@@ -1,0 +1,292 @@
+"""The input guard: decides what happens to a customer's message before the model sees it.
+
+Matching runs on normalised views of the text (see :mod:`core.guards.normalize`): lexicon phrases through
+one Aho-Corasick automaton per view, then compiled regex rules. Payloads hidden in base64, hex,
+percent-encoding or rot13 are decoded and matched the same way. Every decision names the rule and
+category that caused it, so the engine can log it; what happens per category comes from ``policy.yaml``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import re
+import urllib.parse
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import ahocorasick  # type: ignore[import-untyped]
+
+from core.guards.control_tokens import neutralize_control_tokens
+from core.guards.normalize import (
+    NormalizedText,
+    has_hidden_characters,
+    homoglyph_table,
+    load_homoglyph_file,
+    normalize,
+    strip_invisible,
+)
+from core.guards.rules import (
+    HOMOGLYPH_FILE,
+    POLICY_FILE,
+    Action,
+    LexiconEntry,
+    PatternRule,
+    Policy,
+    data_files,
+    read_lexicon,
+    read_patterns,
+    read_policy,
+)
+from core.language import detect_language
+
+DEFAULT_DATA_DIR = Path(str(resources.files("core.guards") / "data"))
+HIDDEN_TEXT_RULE = "builtin.hidden_characters"
+HIDDEN_TEXT_CATEGORY = "hidden_text"
+
+_SEVERITY: dict[Action, int] = {"allow": 0, "flag": 1, "strip": 2, "block": 3}
+_LATIN_ALNUM = re.compile(r"[a-z0-9]")
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+# A phrase this long (without spaces) is specific enough to match inside run-together text.
+_COMPACT_MIN = 16
+_BASE64 = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{16,}={0,2}")
+_HEX = re.compile(r"(?<![0-9a-f])(?:[0-9a-f]{2}[ :]?){8,}(?![0-9a-f])")
+_PERCENT = re.compile(r"(?:%[0-9a-f]{2}){4,}", re.IGNORECASE)
+_SENTENCE = re.compile(r"[^。！？!?；;\n.]+[。！？!?；;\n.]*|[。！？!?；;\n.]+")
+
+
+@dataclass(frozen=True, slots=True)
+class GuardMatch:
+    """One rule that fired: its id, its category and the action the policy gives that category."""
+
+    rule: str
+    category: str
+    action: Action
+
+
+@dataclass(frozen=True, slots=True)
+class GuardDecision:
+    """What to do with a message.
+
+    ``text`` is what to pass on: the original (control tokens neutralised) for allow/flag, the cleaned
+    text for strip. For block, ``text`` is the neutralised original for logging only, and ``reply`` is
+    the polite answer to send instead of calling the model.
+    """
+
+    action: Action
+    category: str | None
+    rule: str | None
+    text: str
+    reply: str | None = None
+    matches: tuple[GuardMatch, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class _Phrase:
+    entry: LexiconEntry
+    length: int
+    bounded: bool
+
+
+class _Lexicon:
+    """Aho-Corasick automatons over the ``words`` view (whole words) and the ``compact`` view."""
+
+    def __init__(self, entries: Iterable[LexiconEntry], *, homoglyphs: dict[int, str]) -> None:
+        self._words = ahocorasick.Automaton()
+        self._compact = ahocorasick.Automaton()
+        for entry in entries:
+            norm = normalize(entry.phrase, homoglyphs=homoglyphs)
+            if not norm.compact:
+                continue
+            if _CJK.search(norm.compact):
+                self._add(self._compact, norm.compact, _Phrase(entry, len(norm.compact), bounded=False))
+                continue
+            self._add(self._words, norm.words, _Phrase(entry, len(norm.words), bounded=True))
+            # Letter-spaced input ("s y s t e m p r o m p t") collapses to the compact spelling.
+            self._add(self._words, norm.compact, _Phrase(entry, len(norm.compact), bounded=True))
+            if len(norm.compact) >= _COMPACT_MIN:
+                self._add(self._compact, norm.compact, _Phrase(entry, len(norm.compact), bounded=False))
+        for automaton in (self._words, self._compact):
+            if len(automaton):
+                automaton.make_automaton()
+
+    @staticmethod
+    def _add(automaton: ahocorasick.Automaton, key: str, phrase: _Phrase) -> None:
+        existing: tuple[_Phrase, ...] = automaton.get(key, ())
+        automaton.add_word(key, (*existing, phrase))
+
+    def first_match(self, words: str, compact: str) -> LexiconEntry | None:
+        """The first lexicon entry found in either view, or None."""
+        if len(self._words):
+            for end, phrases in self._words.iter(words):
+                for phrase in phrases:
+                    start = end - phrase.length + 1
+                    before = words[start - 1] if start > 0 else " "
+                    after = words[end + 1] if end + 1 < len(words) else " "
+                    if not (_LATIN_ALNUM.match(before) or _LATIN_ALNUM.match(after)):
+                        return phrase.entry
+        if len(self._compact):
+            for _end, phrases in self._compact.iter(compact):
+                return phrases[0].entry  # type: ignore[no-any-return]
+        return None
+
+
+def _printable_text(data: bytes) -> str | None:
+    """``data`` as text when it decodes to mostly printable UTF-8 with some letters, else None."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if len(text) < 4:
+        return None
+    printable = sum(ch.isprintable() or ch.isspace() for ch in text)
+    letters = sum(ch.isalpha() for ch in text)
+    return text if printable >= 0.95 * len(text) and letters >= 4 else None
+
+
+def _decode_base64(token: str) -> str | None:
+    padded = token + "=" * (-len(token) % 4)
+    try:
+        if "-" in token or "_" in token:
+            return _printable_text(base64.urlsafe_b64decode(padded))
+        return _printable_text(base64.b64decode(padded, validate=True))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _encoded_payloads(text: str, clean: str) -> list[tuple[str, str]]:
+    """(decoder name, decoded text) for every plausible encoded payload in the message."""
+    found: list[tuple[str, str]] = []
+    for token in _BASE64.findall(text):
+        decoded = _decode_base64(token)
+        if decoded:
+            found.append(("base64", decoded))
+    for token in _HEX.findall(clean):
+        try:
+            decoded = _printable_text(bytes.fromhex(re.sub(r"[ :]", "", token)))
+        except ValueError:
+            decoded = None
+        if decoded:
+            found.append(("hex", decoded))
+    if "%" in text and _PERCENT.search(text):
+        found.append(("percent", urllib.parse.unquote(text)))
+    return found
+
+
+class InputGuard:
+    """Checks customer messages for prompt injection and jailbreak attempts.
+
+    Build it with :meth:`load` (shipped data plus operator data dirs) or directly from parsed rules.
+    """
+
+    def __init__(
+        self,
+        *,
+        lexicon: Sequence[LexiconEntry],
+        patterns: Sequence[PatternRule],
+        policy: Policy,
+        homoglyphs: dict[int, str] | None = None,
+    ) -> None:
+        self._homoglyphs = homoglyphs if homoglyphs is not None else homoglyph_table()
+        self._lexicon = _Lexicon(lexicon, homoglyphs=self._homoglyphs)
+        self._patterns = {
+            view: tuple(p for p in patterns if p.view == view) for view in ("words", "clean", "raw")
+        }
+        self._policy = policy
+
+    @classmethod
+    def load(cls, data_dir: Path | None = None, *, extra_dirs: Sequence[Path] = ()) -> InputGuard:
+        """Load rules from ``data_dir`` (the shipped data by default) and then each of ``extra_dirs``.
+
+        Lexicons and patterns add up; a later ``policy.yaml`` overrides single categories and replies;
+        a later ``homoglyphs.txt`` adds folds.
+        """
+        directories = [data_dir or DEFAULT_DATA_DIR, *extra_dirs]
+        lexicon: list[LexiconEntry] = []
+        patterns: list[PatternRule] = []
+        fragments: dict[str, str] = {}
+        policy = Policy()
+        homoglyphs = dict(homoglyph_table())
+        for path in data_files(directories):
+            if path.name == HOMOGLYPH_FILE:
+                homoglyphs.update(load_homoglyph_file(path))
+            elif path.name == POLICY_FILE:
+                read_policy(path, policy)
+            elif path.suffix == ".txt":
+                lexicon.extend(read_lexicon(path))
+            else:
+                patterns.extend(read_patterns(path, fragments=fragments))
+        return cls(lexicon=lexicon, patterns=patterns, policy=policy, homoglyphs=homoglyphs)
+
+    # ------------------------------------------------------------------ matching
+    def _match_views(self, raw: str, norm: NormalizedText) -> GuardMatch | None:
+        entry = self._lexicon.first_match(norm.words, norm.compact)
+        if entry is not None:
+            return self._match(entry.rule, entry.category)
+        for view, text in (("words", norm.words), ("clean", norm.clean), ("raw", raw)):
+            for rule in self._patterns[view]:
+                if rule.matches(text):
+                    return self._match(rule.rule, rule.category)
+        return None
+
+    def _match(self, rule: str, category: str) -> GuardMatch:
+        return GuardMatch(rule=rule, category=category, action=self._policy.action_for(category))
+
+    def _scan(self, text: str, *, depth: int = 0) -> list[GuardMatch]:
+        matches: list[GuardMatch] = []
+        if has_hidden_characters(text):
+            matches.append(self._match(HIDDEN_TEXT_RULE, HIDDEN_TEXT_CATEGORY))
+        norm = normalize(text, homoglyphs=self._homoglyphs)
+        found = self._match_views(text, norm)
+        if found is not None:
+            matches.append(found)
+            return matches
+        if depth > 0:
+            return matches
+        for decoder, decoded in _encoded_payloads(text, norm.clean):
+            for inner in self._scan(decoded, depth=depth + 1):
+                matches.append(self._match(f"{decoder}>{inner.rule}", inner.category))
+        # rot13 hides whole sentences in Latin letters; the lexicon is enough to see through it.
+        if _LATIN_ALNUM.search(norm.words):
+            rot = codecs.encode(norm.words, "rot13")
+            entry = self._lexicon.first_match(rot, rot.replace(" ", ""))
+            if entry is not None:
+                matches.append(self._match(f"rot13>{entry.rule}", entry.category))
+        return matches
+
+    # ------------------------------------------------------------------ decisions
+    def check(self, text: str) -> GuardDecision:
+        """Decide what to do with ``text`` (see :class:`GuardDecision`)."""
+        matches = tuple(self._scan(text))
+        if not matches:
+            return GuardDecision(action="allow", category=None, rule=None, text=neutralize_control_tokens(text))
+        primary = max(matches, key=lambda m: _SEVERITY[m.action])
+        if primary.action == "block":
+            return self._block(text, primary, matches)
+        if primary.action == "strip":
+            cleaned = self._strip(text)
+            if not cleaned.strip():
+                return self._block(text, primary, matches)
+            return GuardDecision("strip", primary.category, primary.rule, cleaned, matches=matches)
+        return GuardDecision(
+            primary.action, primary.category, primary.rule, neutralize_control_tokens(text), matches=matches
+        )
+
+    def _block(self, text: str, primary: GuardMatch, matches: tuple[GuardMatch, ...]) -> GuardDecision:
+        reply = self._policy.reply_for(primary.category, detect_language(text))
+        return GuardDecision(
+            "block", primary.category, primary.rule, neutralize_control_tokens(text), reply, matches
+        )
+
+    def _strip(self, text: str) -> str:
+        """``text`` without hidden characters and without the sentences that strip-rules matched."""
+        visible = strip_invisible(text)
+        kept = [
+            segment
+            for segment in _SENTENCE.findall(visible)
+            if not any(m.action == "strip" for m in self._scan(segment, depth=1))
+        ]
+        return neutralize_control_tokens("".join(kept)).strip()

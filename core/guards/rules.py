@@ -1,0 +1,169 @@
+"""Loading the guard's data files: lexicons (``*.txt``), regex rules (``*.yaml`` with ``patterns``),
+the per-category policy (``policy.yaml``) and extra look-alike folds (``homoglyphs.txt``).
+
+A broken file is a configuration mistake, so it fails loudly at load time with :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import yaml
+
+from core.errors import ConfigError
+
+Action = Literal["allow", "block", "strip", "flag"]
+View = Literal["words", "clean", "raw"]
+ACTIONS: tuple[Action, ...] = ("allow", "block", "strip", "flag")
+_VIEWS: tuple[View, ...] = ("words", "clean", "raw")
+_FRAGMENT = re.compile(r"%\{(\w+)\}")
+HOMOGLYPH_FILE = "homoglyphs.txt"
+POLICY_FILE = "policy.yaml"
+
+
+@dataclass(frozen=True, slots=True)
+class LexiconEntry:
+    """One phrase from a lexicon file."""
+
+    rule: str
+    category: str
+    phrase: str
+
+
+@dataclass(frozen=True, slots=True)
+class PatternRule:
+    """One compiled regex rule from a patterns file."""
+
+    rule: str
+    category: str
+    view: View
+    pattern: re.Pattern[str]
+    requires: re.Pattern[str] | None = None
+    unless: re.Pattern[str] | None = None
+
+    def matches(self, text: str) -> bool:
+        """Whether the rule fires on ``text`` (already in this rule's view)."""
+        if self.pattern.search(text) is None:
+            return False
+        if self.requires is not None and self.requires.search(text) is None:
+            return False
+        return self.unless is None or self.unless.search(text) is None
+
+
+@dataclass(slots=True)
+class Policy:
+    """Action per category and the polite replies used when a message is blocked."""
+
+    default_action: Action = "block"
+    actions: dict[str, Action] = field(default_factory=dict)
+    replies: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def action_for(self, category: str) -> Action:
+        """The configured action for ``category`` (the default action for unknown categories)."""
+        return self.actions.get(category, self.default_action)
+
+    def reply_for(self, category: str, language: str) -> str:
+        """The blocked-message answer for ``category`` in ``language`` (falls back to the default)."""
+        variants = self.replies.get(category) or self.replies.get("default") or {}
+        return variants.get(language) or variants.get("zh") or next(iter(variants.values()), "")
+
+    def merge(self, other: Mapping[str, Any], *, source: Path) -> None:
+        """Apply a ``policy.yaml`` document on top of this policy."""
+        default = other.get("default_action")
+        if default is not None:
+            self.default_action = _action(default, source)
+        for category, action in (other.get("categories") or {}).items():
+            self.actions[str(category)] = _action(action, source)
+        for category, variants in (other.get("replies") or {}).items():
+            if not isinstance(variants, Mapping):
+                raise ConfigError(f"{source}: replies.{category} must map language to text")
+            self.replies.setdefault(str(category), {}).update({str(k): str(v) for k, v in variants.items()})
+
+
+def _action(value: object, source: Path) -> Action:
+    if value not in ACTIONS:
+        raise ConfigError(f"{source}: unknown action {value!r} (expected one of {', '.join(ACTIONS)})")
+    return cast(Action, value)
+
+
+def read_lexicon(path: Path) -> list[LexiconEntry]:
+    """Parse ``<category> | <phrase>`` lines (a tab may stand for the bar)."""
+    entries: list[LexiconEntry] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        category, sep, phrase = line.replace("\t", "|", 1).partition("|")
+        category, phrase = category.strip(), phrase.strip()
+        if not sep or not category or not phrase:
+            raise ConfigError(f"{path}:{number}: expected '<category> | <phrase>', got {line!r}")
+        entries.append(LexiconEntry(rule=f"{path.stem}:{phrase}", category=category, phrase=phrase))
+    return entries
+
+
+def _compile(source: str, fragments: Mapping[str, str], where: str) -> re.Pattern[str]:
+    def expand(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in fragments:
+            raise ConfigError(f"{where}: unknown fragment %{{{name}}}")
+        return fragments[name]
+
+    try:
+        return re.compile(_FRAGMENT.sub(expand, source), re.IGNORECASE | re.DOTALL)
+    except re.error as exc:
+        raise ConfigError(f"{where}: invalid regex: {exc}") from exc
+
+
+def read_patterns(path: Path, *, fragments: dict[str, str]) -> list[PatternRule]:
+    """Parse a patterns YAML file; its ``fragments`` are added to ``fragments`` for later files too."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(document, Mapping):
+        raise ConfigError(f"{path}: expected a mapping with 'patterns'")
+    fragments.update({str(k): str(v) for k, v in (document.get("fragments") or {}).items()})
+    rules: list[PatternRule] = []
+    for index, item in enumerate(document.get("patterns") or []):
+        where = f"{path}: patterns[{index}]"
+        if not isinstance(item, Mapping) or not {"id", "category", "pattern"} <= item.keys():
+            raise ConfigError(f"{where}: needs id, category and pattern")
+        view = item.get("view", "words")
+        if view not in _VIEWS:
+            raise ConfigError(f"{where}: view must be one of {', '.join(_VIEWS)}")
+        rules.append(
+            PatternRule(
+                rule=str(item["id"]),
+                category=str(item["category"]),
+                view=cast(View, view),
+                pattern=_compile(str(item["pattern"]), fragments, where),
+                requires=_compile(str(item["requires"]), fragments, where) if item.get("requires") else None,
+                unless=_compile(str(item["unless"]), fragments, where) if item.get("unless") else None,
+            )
+        )
+    return rules
+
+
+def read_policy(path: Path, policy: Policy) -> None:
+    """Merge ``path`` (a policy YAML file) into ``policy``."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(document, Mapping):
+        raise ConfigError(f"{path}: expected a mapping")
+    policy.merge(document, source=path)
+
+
+def data_files(directories: Iterable[Path]) -> list[Path]:
+    """Every data file of ``directories`` in load order (directory order, then file name)."""
+    files: list[Path] = []
+    for directory in directories:
+        if not directory.is_dir():
+            raise ConfigError(f"guard data directory {directory} does not exist")
+        files.extend(sorted(p for p in directory.iterdir() if p.suffix in {".txt", ".yaml", ".yml"}))
+    return files

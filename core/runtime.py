@@ -1,0 +1,117 @@
+"""Everything a kefu process needs, opened from settings and closed in reverse order.
+
+Entry points (``kefu serve``, ``kefu chat``, ``kefu worker``) read the settings once and do::
+
+    async with Runtime.open(settings) as runtime:
+        reply = await runtime.engine.handle(message)
+
+A failure while opening closes what was already opened.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+from core.context import ContextBudget, ContextBuilder
+from core.conversations import ConversationStore
+from core.db.database import Database
+from core.db.migrate import upgrade_async
+from core.engine import Engine, EngineLimits
+from core.llm.base import ChatModel
+from core.llm.factory import EMBEDDED_MAX_CTX, build_model
+from core.prompt import load_system_prompt
+from core.settings import Settings
+from core.stores.base import StateStore
+from core.stores.factory import build_store
+from core.summary import Summarizer
+from tools import default_registry
+from tools.registry import ToolRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    store: StateStore
+    model: ChatModel
+    tools: ToolRegistry
+    conversations: ConversationStore
+    engine: Engine
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings, *, model: ChatModel | None = None) -> AsyncIterator[Runtime]:
+        """Open database, store and model; ``model`` replaces the configured backend (tests, benchmarks)."""
+        async with AsyncExitStack() as stack:
+            if settings.auto_migrate:
+                await upgrade_async(settings.database_url)
+            db = await stack.enter_async_context(Database(url=settings.database_url))
+            store = await stack.enter_async_context(build_store(redis_url=settings.redis_url))
+            chat_model = await stack.enter_async_context(model or build_model(settings))
+            tools = default_registry()
+            conversations = ConversationStore(db=db)
+            num_ctx = settings.num_ctx
+            if settings.llm_backend == "llamacpp":
+                num_ctx = min(num_ctx, EMBEDDED_MAX_CTX)
+            budget = ContextBudget(
+                num_ctx=num_ctx,
+                answer_tokens=settings.max_answer_tokens,
+                history_turns=settings.history_turns,
+                block_turns=settings.history_turns,
+            )
+            engine = Engine(
+                conversations=conversations,
+                store=store,
+                model=chat_model,
+                tools=tools,
+                system_prompt=load_system_prompt(settings.system_prompt_file),
+                context=ContextBuilder(counter=chat_model.count_tokens, budget=budget),
+                summarizer=Summarizer(
+                    model=chat_model,
+                    conversations=conversations,
+                    counter=chat_model.count_tokens,
+                    prompt_limit=budget.prompt_limit,
+                    model_name=settings.summary_model,
+                ),
+                limits=EngineLimits(
+                    max_input_chars=settings.max_input_chars,
+                    max_tool_rounds=settings.max_tool_rounds,
+                ),
+            )
+            try:
+                yield cls(
+                    settings=settings,
+                    db=db,
+                    store=store,
+                    model=chat_model,
+                    tools=tools,
+                    conversations=conversations,
+                    engine=engine,
+                )
+            finally:
+                await engine.wait_idle()
+
+    async def readiness(self) -> dict[str, bool]:
+        """Which dependencies answer right now (for /readyz and ``kefu check``)."""
+        checks: dict[str, bool] = {}
+        try:
+            checks["database"] = await self.db.ping()
+        except Exception:
+            log.warning("database not ready", exc_info=True)
+            checks["database"] = False
+        try:
+            checks["store"] = await self.store.ping()
+        except Exception:
+            log.warning("store not ready", exc_info=True)
+            checks["store"] = False
+        try:
+            checks["model"] = (await self.model.info()).reachable
+        except Exception:
+            log.warning("model not ready", exc_info=True)
+            checks["model"] = False
+        return checks

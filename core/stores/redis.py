@@ -1,0 +1,207 @@
+"""Redis :class:`StateStore`: state shared by every kefu process of a deployment.
+
+Locks are redis-py's ``Lock`` (a random owner token set with ``SET NX PX``; release and extend are Lua
+scripts that compare the token first), so a holder whose lock expired can never release or extend the
+lock somebody else has taken since. Every redis-py error leaves this module as a
+:class:`~core.errors.StoreError` (:class:`~core.errors.LockError` for lock failures).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.lock import Lock
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from core.errors import ConfigError, LockError, StoreError
+from core.stores.base import StateStore, StoreLock
+
+log = logging.getLogger(__name__)
+
+# INCRBY and "expire only if we created it" must be one step, or a crash in between leaves a counter
+# that never expires (a rate limit that never resets).
+_INCR_SCRIPT = """
+local existed = redis.call('exists', KEYS[1])
+local value = redis.call('incrby', KEYS[1], ARGV[1])
+if existed == 0 and ARGV[2] ~= '' then
+    redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return value
+"""
+
+
+def _ms(seconds: float) -> int:
+    if seconds <= 0:
+        raise ValueError(f"ttl must be positive, got {seconds}")
+    # Round up: a sub-millisecond TTL must not become 0, which Redis rejects.
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _text(value: bytes | str | None) -> str | None:
+    # A caller-supplied client may not decode responses.
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@contextlib.contextmanager
+def _mapped(action: str) -> Iterator[None]:
+    """Turn redis-py errors raised by ``action`` into kefu's store errors."""
+    try:
+        yield
+    except redis_errors.LockError as exc:
+        raise LockError(f"redis lock {action} failed: {exc}") from exc
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+        raise StoreError(f"redis unreachable during {action}: {exc}") from exc
+    except redis_errors.RedisError as exc:
+        raise StoreError(f"redis {action} failed: {exc}") from exc
+
+
+class RedisLock(StoreLock):
+    """A :class:`StoreLock` backed by redis-py's token lock."""
+
+    def __init__(self, client: Redis, key: str, name: str, *, ttl: float, wait: float | None) -> None:
+        _ms(ttl)
+        super().__init__(name, ttl=ttl, wait=wait)
+        # thread_local=False: the renewal task and the holder share one token; asyncio tasks run in
+        # one thread anyway, and a thread-local token would hide it from ``asyncio.to_thread`` callers.
+        self._lock = Lock(client, key, timeout=ttl, sleep=min(0.1, ttl / 10), thread_local=False)
+
+    async def acquire(self) -> bool:
+        """Take the lock, waiting up to ``wait`` seconds (None = forever). False when it timed out."""
+        with _mapped(f"acquire of {self.name!r}"):
+            # blocking_timeout=None waits forever; 0 tries exactly once.
+            return bool(await self._lock.acquire(blocking=True, blocking_timeout=self.wait))
+
+    async def release(self) -> None:
+        """Release if still owned by this holder; a lock already expired or taken over is left alone.
+
+        A Redis failure here is logged, not raised: the work under the lock is done, and the lock's
+        expiry frees it anyway.
+        """
+        if self._lock.local.token is None:
+            return
+        try:
+            await self._lock.release()
+        except redis_errors.LockNotOwnedError:
+            log.warning("lock %s had expired or been taken over before release", self.name)
+        except redis_errors.RedisError:
+            log.warning("could not release lock %s; it frees itself on expiry", self.name, exc_info=True)
+
+    async def extend(self, ttl: float | None = None) -> bool:
+        """Reset the expiry to ``ttl`` (default: the lock's ttl) from now. False when no longer owned."""
+        ttl = self.ttl if ttl is None else ttl
+        _ms(ttl)
+        if self._lock.local.token is None:
+            return False
+        with _mapped(f"extend of {self.name!r}"):
+            try:
+                await self._lock.extend(ttl, replace_ttl=True)
+            except redis_errors.LockNotOwnedError:
+                return False
+        return True
+
+    async def owned(self) -> bool:
+        """True while this holder owns the lock."""
+        with _mapped(f"owner check of {self.name!r}"):
+            return await self._lock.owned()
+
+
+class RedisStore(StateStore):
+    """Key/value with TTL, counters and locks in Redis, under a key prefix.
+
+    Build it from ``url`` (the store owns the connection pool and closes it in :meth:`aclose`) or from an
+    existing ``client`` (the caller owns and closes it). A store built from ``url`` checks idle
+    connections every ``health_check_interval`` seconds and retries a command ``retries`` times with
+    exponential backoff on connection errors, so calls made after a Redis restart succeed.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        client: Redis | None = None,
+        prefix: str = "kefu:",
+        health_check_interval: int = 30,
+        retries: int = 3,
+        socket_timeout: float = 5.0,
+    ) -> None:
+        if (url is None) == (client is None):
+            raise ConfigError("RedisStore needs exactly one of url= or client=")
+        self.prefix = prefix
+        self._owns_client = client is None
+        if client is None:
+            assert url is not None
+            client = Redis.from_url(
+                url,
+                decode_responses=True,
+                health_check_interval=health_check_interval,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+                retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+            )
+        self.client = client
+        self._incr = client.register_script(_INCR_SCRIPT)
+
+    def key(self, key: str) -> str:
+        """The Redis key that holds ``key``."""
+        return self.prefix + key
+
+    async def get(self, key: str) -> str | None:
+        """The value of ``key``, or None when it is missing or expired."""
+        with _mapped("GET"):
+            return _text(await self.client.get(self.key(key)))
+
+    async def set(self, key: str, value: str, *, ttl: float | None = None) -> None:
+        """Store ``value`` under ``key``, replacing any value and expiry."""
+        px = None if ttl is None else _ms(ttl)
+        with _mapped("SET"):
+            await self.client.set(self.key(key), value, px=px)
+
+    async def set_if_absent(self, key: str, value: str, *, ttl: float | None = None) -> bool:
+        """Store only when ``key`` does not exist; True when this call stored it (dedupe)."""
+        px = None if ttl is None else _ms(ttl)
+        with _mapped("SET NX"):
+            return bool(await self.client.set(self.key(key), value, px=px, nx=True))
+
+    async def delete(self, *keys: str) -> int:
+        """Delete keys; returns how many existed."""
+        if not keys:
+            return 0
+        with _mapped("DEL"):
+            return int(await self.client.delete(*(self.key(k) for k in keys)))
+
+    async def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
+        """Add to an integer counter (created at 0); ``ttl`` is set when the counter is created."""
+        px = "" if ttl is None else str(_ms(ttl))
+        with _mapped("INCRBY"):
+            return int(await self._incr(keys=[self.key(key)], args=[amount, px]))
+
+    async def ttl(self, key: str) -> float | None:
+        """Seconds until ``key`` expires; None when it has no expiry or does not exist."""
+        with _mapped("PTTL"):
+            ms = int(await self.client.pttl(self.key(key)))
+        # -1: no expiry, -2: no such key.
+        return None if ms < 0 else ms / 1000
+
+    def lock(self, name: str, *, ttl: float = 30.0, wait: float | None = 60.0) -> RedisLock:
+        """A lock named ``name`` (not yet acquired): use ``async with``."""
+        return RedisLock(self.client, self.key(f"lock:{name}"), name, ttl=ttl, wait=wait)
+
+    async def ping(self) -> bool:
+        """True when Redis answers; False (logged) when it cannot be reached."""
+        try:
+            return bool(await self.client.ping())
+        except redis_errors.RedisError:
+            log.warning("redis ping failed", exc_info=True)
+            return False
+
+    async def aclose(self) -> None:
+        """Close the connection pool, if this store opened it."""
+        if self._owns_client:
+            await self.client.aclose(close_connection_pool=True)

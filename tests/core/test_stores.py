@@ -1,0 +1,308 @@
+"""One contract for every StateStore: the in-process store and Redis must behave the same."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from core.errors import LockError, StoreError
+from core.stores.base import StateStore
+from core.stores.factory import build_store
+from core.stores.memory import MemoryStore
+from core.stores.redis import RedisStore
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def unique_prefix() -> str:
+    return f"kefu-test:{uuid.uuid4().hex}:"
+
+
+async def drop_keys(client: Redis, prefix: str) -> None:
+    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
+    if request.param == "memory":
+        async with MemoryStore() as memory:
+            yield memory
+        return
+    prefix = unique_prefix()
+    redis_store = RedisStore(url=REDIS_URL, prefix=prefix)
+    try:
+        yield redis_store
+    finally:
+        await drop_keys(redis_store.client, prefix)
+        await redis_store.aclose()
+
+
+class TestStateStoreContract:
+    async def test_get_set_delete(self, store: StateStore) -> None:
+        assert await store.get("greeting") is None
+        await store.set("greeting", "你好")
+        assert await store.get("greeting") == "你好"
+        await store.set("greeting", "hello")
+        assert await store.get("greeting") == "hello"
+        await store.set("other", "x")
+
+        assert await store.delete("greeting", "other", "missing") == 2
+        assert await store.get("greeting") is None
+        assert await store.delete() == 0
+
+    async def test_value_expires_after_ttl(self, store: StateStore) -> None:
+        await store.set("token", "abc", ttl=0.2)
+        assert await store.get("token") == "abc"
+        await asyncio.sleep(0.35)
+        assert await store.get("token") is None
+        assert await store.delete("token") == 0
+
+    async def test_set_without_ttl_clears_previous_expiry(self, store: StateStore) -> None:
+        await store.set("token", "old", ttl=0.2)
+        await store.set("token", "new")
+        await asyncio.sleep(0.35)
+        assert await store.get("token") == "new"
+
+    async def test_ttl_reports_remaining_time(self, store: StateStore) -> None:
+        assert await store.ttl("missing") is None
+        await store.set("forever", "1")
+        assert await store.ttl("forever") is None
+        await store.set("soon", "1", ttl=10)
+        remaining = await store.ttl("soon")
+        assert remaining is not None
+        assert 0 < remaining <= 10
+
+    async def test_set_if_absent_lets_exactly_one_concurrent_caller_win(self, store: StateStore) -> None:
+        results = await asyncio.gather(
+            *(store.set_if_absent("seen:msg-42", f"worker-{i}", ttl=60) for i in range(5))
+        )
+        assert results.count(True) == 1
+        winner = results.index(True)
+        assert await store.get("seen:msg-42") == f"worker-{winner}"
+        assert await store.set_if_absent("seen:msg-42", "late") is False
+
+    async def test_set_if_absent_succeeds_again_after_the_mark_expires(self, store: StateStore) -> None:
+        assert await store.set_if_absent("seen:msg-7", "1", ttl=0.2)
+        assert not await store.set_if_absent("seen:msg-7", "1", ttl=0.2)
+        await asyncio.sleep(0.35)
+        assert await store.set_if_absent("seen:msg-7", "1", ttl=0.2)
+
+    async def test_incr_counts_and_expires_from_creation(self, store: StateStore) -> None:
+        assert await store.incr("hits", ttl=0.3) == 1
+        # The ttl only applies on creation: later calls neither reset nor remove it.
+        assert await store.incr("hits", 2, ttl=60) == 3
+        remaining = await store.ttl("hits")
+        assert remaining is not None
+        assert 0 < remaining <= 0.3
+        assert await store.get("hits") == "3"
+        await asyncio.sleep(0.45)
+        assert await store.incr("hits") == 1
+        assert await store.ttl("hits") is None
+
+    async def test_incr_on_a_non_number_is_a_store_error(self, store: StateStore) -> None:
+        await store.set("name", "alice")
+        with pytest.raises(StoreError):
+            await store.incr("name")
+
+    async def test_lock_sections_never_overlap(self, store: StateStore) -> None:
+        inside = 0
+        overlaps = 0
+        events: list[tuple[str, int]] = []
+
+        async def worker(n: int) -> None:
+            nonlocal inside, overlaps
+            for _ in range(3):
+                async with store.lock("conv:1", ttl=5, wait=5):
+                    inside += 1
+                    overlaps += inside > 1
+                    events.append(("enter", n))
+                    await asyncio.sleep(0.02)
+                    events.append(("exit", n))
+                    inside -= 1
+
+        await asyncio.gather(*(worker(n) for n in range(3)))
+        assert overlaps == 0
+        assert len(events) == 18
+        for enter, exit_ in zip(events[::2], events[1::2], strict=True):
+            assert enter[0] == "enter"
+            assert exit_ == ("exit", enter[1])
+
+    async def test_lock_wait_timeout_raises_lock_error(self, store: StateStore) -> None:
+        async with store.lock("conv:2", ttl=5, wait=0) as holder:
+            with pytest.raises(LockError):
+                async with store.lock("conv:2", ttl=5, wait=0.2):
+                    pytest.fail("entered a lock that is held")
+            assert await holder.owned()
+
+    async def test_expired_lock_of_a_crashed_holder_lets_the_next_one_in(self, store: StateStore) -> None:
+        crashed = store.lock("conv:3", ttl=0.3, wait=0)
+        assert await crashed.acquire()
+        # The holder "crashes": it never releases.
+        successor = store.lock("conv:3", ttl=5, wait=3)
+        assert await successor.acquire()
+        assert await successor.owned()
+        assert not await crashed.owned()
+        assert not await crashed.extend()
+        await successor.release()
+
+    async def test_release_by_a_former_owner_leaves_the_new_owner_alone(self, store: StateStore) -> None:
+        former = store.lock("conv:4", ttl=0.3, wait=0)
+        assert await former.acquire()
+        current = store.lock("conv:4", ttl=5, wait=3)
+        assert await current.acquire()
+
+        await former.release()
+
+        assert await current.owned()
+        assert not await store.lock("conv:4", ttl=5, wait=0).acquire()
+        await current.release()
+        assert not await current.owned()
+        assert await store.lock("conv:4", ttl=5, wait=0).acquire()
+
+    async def test_renewal_keeps_a_slow_holder_exclusive(self, store: StateStore) -> None:
+        ttl = 0.4
+        async with store.lock("conv:5", ttl=ttl, wait=0) as holder:
+            await asyncio.sleep(ttl * 1.25)
+            # Waits until past 3 x ttl after the holder took the lock.
+            contender = store.lock("conv:5", ttl=5, wait=ttl * 2)
+            assert not await contender.acquire()
+            assert await holder.owned()
+            assert not holder.lost
+        assert not await holder.owned()
+        assert await store.lock("conv:5", ttl=5, wait=0).acquire()
+
+    async def test_ping(self, store: StateStore) -> None:
+        assert await store.ping() is True
+
+
+@pytest.mark.redis
+async def test_two_redis_stores_share_dedupe_and_locks() -> None:
+    """Two RedisStore instances on one prefix behave like two kefu processes sharing Redis."""
+    prefix = unique_prefix()
+    raw = Redis.from_url(REDIS_URL, decode_responses=True)
+    first = RedisStore(url=REDIS_URL, prefix=prefix)
+    second = RedisStore(client=raw, prefix=prefix)
+    stranger = RedisStore(url=REDIS_URL, prefix=unique_prefix())
+    try:
+        results = await asyncio.gather(
+            first.set_if_absent("seen:evt-1", "first", ttl=60),
+            second.set_if_absent("seen:evt-1", "second", ttl=60),
+        )
+        assert sorted(results) == [False, True]
+        winner = "first" if results[0] else "second"
+        assert await second.get("seen:evt-1") == winner
+        # Every key lives under the prefix; another prefix is another deployment.
+        assert await raw.get(f"{prefix}seen:evt-1") == winner
+        assert await stranger.get("seen:evt-1") is None
+
+        async with first.lock("conv:9", ttl=5, wait=0):
+            with pytest.raises(LockError):
+                async with second.lock("conv:9", ttl=5, wait=0.2):
+                    pytest.fail("two processes held one conversation lock")
+            assert await stranger.lock("conv:9", ttl=5, wait=0).acquire()
+        async with second.lock("conv:9", ttl=5, wait=0) as taken:
+            assert await taken.owned()
+    finally:
+        await drop_keys(raw, prefix)
+        await drop_keys(raw, stranger.prefix)
+        await first.aclose()
+        await second.aclose()
+        await stranger.aclose()
+        await raw.aclose()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def start_redis(port: int) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        "redis-server",
+        *("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+        *("--daemonize", "no"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    probe = Redis(host="127.0.0.1", port=port, retry=Retry(NoBackoff(), 0))
+    try:
+        for _ in range(100):
+            try:
+                await probe.ping()
+                return proc
+            except redis_errors.ConnectionError:
+                await asyncio.sleep(0.05)
+    finally:
+        await probe.aclose()
+    proc.kill()
+    await proc.wait()
+    raise RuntimeError(f"redis-server did not start on port {port}")
+
+
+async def stop_redis(proc: asyncio.subprocess.Process) -> None:
+    proc.kill()
+    await proc.wait()
+
+
+@pytest.mark.redis
+async def test_redis_outage_is_a_store_error_and_a_restart_is_survived() -> None:
+    port = free_port()
+    proc = await start_redis(port)
+    store = RedisStore(url=f"redis://127.0.0.1:{port}/0", prefix="kefu-test:", retries=2)
+    try:
+        await store.set("greeting", "hello")
+        assert await store.get("greeting") == "hello"
+
+        # Restart between two calls: the pooled connection is dead, the next call still works.
+        await stop_redis(proc)
+        proc = await start_redis(port)
+        await store.set("greeting", "after restart")
+        assert await store.get("greeting") == "after restart"
+
+        await stop_redis(proc)
+        with pytest.raises(StoreError) as outage:
+            await store.get("greeting")
+        assert isinstance(outage.value.__cause__, redis_errors.RedisError)
+        with pytest.raises(StoreError):
+            await store.set_if_absent("seen:1", "1")
+        with pytest.raises(StoreError):
+            await store.lock("conv:1", ttl=5, wait=0).acquire()
+        assert await store.ping() is False
+
+        proc = await start_redis(port)
+        assert await store.ping() is True
+        assert await store.set_if_absent("seen:1", "1")
+        assert await store.incr("hits") == 1
+        async with store.lock("conv:1", ttl=5, wait=0) as lock:
+            assert await lock.owned()
+    finally:
+        await store.aclose()
+        if proc.returncode is None:
+            await stop_redis(proc)
+
+
+@pytest.mark.redis
+async def test_build_store_picks_the_backend_from_the_redis_url() -> None:
+    assert isinstance(build_store(redis_url=None), MemoryStore)
+
+    prefix = unique_prefix()
+    store = build_store(redis_url=REDIS_URL, prefix=prefix)
+    assert isinstance(store, RedisStore)
+    async with store:
+        try:
+            await store.set("k", "v")
+            assert await store.client.get(f"{prefix}k") == "v"
+        finally:
+            await drop_keys(store.client, prefix)

@@ -1,0 +1,53 @@
+"""Order tools over the ``orders`` table (demo business data; point them at a real backend instead)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import Field
+from sqlmodel import select
+
+from core.db.models import CustomerIdentity, Order
+from tools.context import ToolContext
+from tools.registry import ToolRegistry
+
+_ORDER_ID = re.compile(r"^[A-Za-z0-9-]{4,64}$")
+
+
+async def query_order_status(
+    ctx: ToolContext,
+    order_id: Annotated[str, Field(description="The order number the customer gave, e.g. KF20251103001")],
+) -> dict[str, Any]:
+    """Look up an order's status, carrier, tracking number and estimated delivery date.
+    根据订单号查询订单状态、承运商、物流单号和预计送达时间。"""
+    order_id = order_id.strip().upper()
+    if not _ORDER_ID.match(order_id):
+        return {"found": False, "order_id": order_id, "reason": "not a valid order number"}
+    async with ctx.db.session() as session:
+        order = await session.get(Order, order_id)
+        if order is None:
+            return {"found": False, "order_id": order_id}
+        identity = (
+            await session.exec(
+                select(CustomerIdentity).where(
+                    CustomerIdentity.channel == ctx.key.channel,
+                    CustomerIdentity.platform_user_id == ctx.user_id,
+                )
+            )
+        ).first()
+    # An order of another customer is reported as not found: the model must never reveal it.
+    if identity is not None and order.customer_id not in (None, identity.customer_id):
+        return {"found": False, "order_id": order_id}
+    return {
+        "found": True,
+        "order_id": order.id,
+        "status": order.status,
+        "carrier": order.carrier,
+        "tracking_number": order.tracking_number,
+        "eta": order.eta.isoformat() if order.eta else None,
+    }
+
+
+def register(registry: ToolRegistry) -> None:
+    registry.tool(query_order_status, timeout=5.0)
