@@ -32,6 +32,7 @@ MAX_FRAME_BYTES = 64 * 1024
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
 
 Frame = dict[str, Any]
 
@@ -65,7 +66,8 @@ def decode_frame(raw: str | bytes, *, input_limit: int = 4000) -> Frame:
     size = len(raw.encode("utf-8")) if isinstance(raw, str) else len(raw)
     if size > MAX_FRAME_BYTES:
         head = raw[:2048] if isinstance(raw, str) else raw[:2048].decode("utf-8", "ignore")
-        language = detect_language(head)
+        # Not parsed (too big to parse), so undo JSON's \uXXXX escapes to see the customer's script.
+        language = detect_language(_JSON_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), head))
         raise FrameError(
             "too_large",
             fixed_text("input_too_long", language, limit=input_limit),

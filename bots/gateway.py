@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
+from bots import platforms
 from core.llm.base import ChatModel
 from core.runtime import Runtime
 from core.settings import Settings
@@ -44,8 +45,10 @@ def create_app(settings: Settings, *, model: ChatModel | None = None) -> Starlet
         async with Runtime.open(settings, model=model) as runtime:
             app.state.runtime = runtime
             app.state.settings = settings
-            log.info("gateway ready (model backend %s)", runtime.model.name)
-            yield
+            async with platforms.running(settings, runtime) as senders:
+                app.state.senders = senders
+                log.info("gateway ready (model backend %s)", runtime.model.name)
+                yield
         log.info("gateway stopped")
 
     return Starlette(routes=collect_routes(), lifespan=lifespan)

@@ -2,10 +2,20 @@
 
 Every read and write of message content goes through here, so storage concerns (encryption at rest,
 retries on a briefly unavailable database) live in one place.
+
+Encryption at rest: given a :class:`~core.crypto.KeyRing`, the store encrypts message ``content`` and
+``tool_calls`` and the conversation's ``summary`` and ``pinned`` facts on every write and decrypts them
+on every read; callers only ever see plaintext. Text columns hold the token itself, JSON columns hold
+``{"enc": token}`` (``tool_calls``: ``[{"enc": token}]``). The associated data names the conversation,
+the column and (for messages) the role, so a ciphertext copied into another conversation or column
+fails to decrypt (:class:`~core.errors.CryptoError`) instead of showing another customer's words.
+Rows written before a key ring was configured are plaintext and are read as they are. Empty values
+(a new conversation's blank summary) stay empty: they reveal nothing.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,16 +23,92 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
+from core.crypto import KeyRing, is_token
 from core.db.database import Database
 from core.db.models import Conversation, Message, utcnow
+from core.errors import CryptoError
 from core.messages import ConversationKey, Language
 
 
-class ConversationStore:
-    """Conversations and their messages."""
+class _Sealer:
+    """Encrypts the secret columns on the way in and decrypts them on the way out."""
 
-    def __init__(self, *, db: Database) -> None:
+    def __init__(self, keyring: KeyRing | None) -> None:
+        self._keyring = keyring
+
+    def _seal(self, plaintext: str, aad: str) -> str:
+        assert self._keyring is not None
+        return self._keyring.encrypt_text(plaintext, aad)
+
+    def _open(self, token: str, aad: str) -> str:
+        if self._keyring is None:
+            raise CryptoError("conversation data is encrypted but no key ring is configured")
+        return self._keyring.decrypt_text(token, aad)
+
+    @staticmethod
+    def _sealed_json(value: Any) -> str | None:
+        """The token inside ``{"enc": token}`` (or ``[{"enc": token}]``), None for plaintext JSON."""
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, dict) and len(value) == 1 and is_token(str(value.get("enc", ""))):
+            return str(value["enc"])
+        return None
+
+    # conversations
+
+    def seal_field(self, conversation_id: int, name: str, value: Any) -> Any:
+        """``value`` as stored in column ``name`` (only ``summary`` and ``pinned`` are secret)."""
+        if self._keyring is None or not value:
+            return value
+        aad = f"kefu:conversation:{conversation_id}:{name}"
+        if name == "summary":
+            return self._seal(str(value), aad)
+        if name == "pinned":
+            return {"enc": self._seal(json.dumps(value, ensure_ascii=False), aad)}
+        return value
+
+    def open_conversation(self, conversation: Conversation) -> Conversation:
+        """Decrypt a conversation that is no longer attached to a session (in place)."""
+        cid = conversation.id
+        if is_token(conversation.summary):
+            conversation.summary = self._open(conversation.summary, f"kefu:conversation:{cid}:summary")
+        token = self._sealed_json(conversation.pinned)
+        if token is not None:
+            conversation.pinned = json.loads(self._open(token, f"kefu:conversation:{cid}:pinned"))
+        return conversation
+
+    # messages
+
+    def seal_message(self, row: Message) -> Message:
+        """The row to store: ``row`` itself without a key ring, else an encrypted copy."""
+        if self._keyring is None:
+            return row
+        stored = Message(**row.model_dump())
+        aad = f"kefu:message:{row.conversation_id}:{row.role}"
+        if row.content:
+            stored.content = self._seal(row.content, f"{aad}:content")
+        if row.tool_calls:
+            sealed = self._seal(json.dumps(row.tool_calls, ensure_ascii=False), f"{aad}:tool_calls")
+            stored.tool_calls = [{"enc": sealed}]
+        return stored
+
+    def open_message(self, row: Message) -> Message:
+        """Decrypt a message that is no longer attached to a session (in place)."""
+        aad = f"kefu:message:{row.conversation_id}:{row.role}"
+        if is_token(row.content):
+            row.content = self._open(row.content, f"{aad}:content")
+        token = self._sealed_json(row.tool_calls)
+        if token is not None:
+            row.tool_calls = json.loads(self._open(token, f"{aad}:tool_calls"))
+        return row
+
+
+class ConversationStore:
+    """Conversations and their messages; encrypted at rest when given a key ring."""
+
+    def __init__(self, *, db: Database, keyring: KeyRing | None = None) -> None:
         self._db = db
+        self._sealer = _Sealer(keyring)
 
     @property
     def db(self) -> Database:
@@ -32,26 +118,34 @@ class ConversationStore:
         """The conversation for ``key``, created on first contact."""
         async with self._db.session() as session:
             found = (await session.exec(select(Conversation).where(Conversation.key == str(key)))).first()
-            if found is not None:
-                return found
-            conversation = Conversation(key=str(key), channel=key.channel, user_id=user_id, language=language)
-            session.add(conversation)
-            try:
-                await session.commit()
-            except IntegrityError:
-                # Another process opened it at the same moment: use theirs.
-                await session.rollback()
-                return (await session.exec(select(Conversation).where(Conversation.key == str(key)))).one()
-            await session.refresh(conversation)
-            return conversation
+            if found is None:
+                conversation = Conversation(
+                    key=str(key), channel=key.channel, user_id=user_id, language=language
+                )
+                session.add(conversation)
+                try:
+                    await session.commit()
+                except IntegrityError:
+                    # Another process opened it at the same moment: use theirs.
+                    await session.rollback()
+                    found = (
+                        await session.exec(select(Conversation).where(Conversation.key == str(key)))
+                    ).one()
+                else:
+                    await session.refresh(conversation)
+                    found = conversation
+        # Decrypted only once the session is closed, so plaintext can never be flushed back.
+        return self._sealer.open_conversation(found)
 
     async def get_by_id(self, conversation_id: int) -> Conversation | None:
         async with self._db.session() as session:
-            return await session.get(Conversation, conversation_id)
+            found = await session.get(Conversation, conversation_id)
+        return self._sealer.open_conversation(found) if found is not None else None
 
     async def get(self, key: ConversationKey) -> Conversation | None:
         async with self._db.session() as session:
-            return (await session.exec(select(Conversation).where(Conversation.key == str(key)))).first()
+            found = (await session.exec(select(Conversation).where(Conversation.key == str(key)))).first()
+        return self._sealer.open_conversation(found) if found is not None else None
 
     async def recent_messages(self, conversation_id: int, *, turns: int, after_id: int = 0) -> list[Message]:
         """At most the last ``turns`` customer turns after message ``after_id`` (each customer message
@@ -71,7 +165,32 @@ class ConversationStore:
             )
             if start is not None:
                 query = query.where(col(Message.id) >= start)
-            return list((await session.exec(query.order_by(col(Message.id)))).all())
+            rows = list((await session.exec(query.order_by(col(Message.id)))).all())
+        return [self._sealer.open_message(row) for row in rows]
+
+    async def answer_to(self, conversation_id: int, platform_message_id: str) -> Message | None:
+        """The stored final answer to a customer message, if it was answered before (re-processing)."""
+        async with self._db.session() as session:
+            asked = (
+                await session.exec(
+                    select(Message.id).where(
+                        Message.conversation_id == conversation_id,
+                        Message.role == "user",
+                        Message.platform_message_id == platform_message_id,
+                    )
+                )
+            ).first()
+            if asked is None:
+                return None
+            after = select(Message).where(Message.conversation_id == conversation_id, col(Message.id) > asked)
+            rows = (await session.exec(after.order_by(col(Message.id)).limit(64))).all()
+        answer = None
+        for row in rows:
+            if row.role == "user":
+                break
+            if row.role == "assistant" and not row.tool_calls:
+                answer = row
+        return self._sealer.open_message(answer) if answer is not None else None
 
     async def advance_summary(
         self, conversation_id: int, *, expected_upto: int, summary: str, upto: int
@@ -85,7 +204,11 @@ class ConversationStore:
                     col(Conversation.id) == conversation_id,
                     col(Conversation.summarized_upto) == expected_upto,
                 )
-                .values(summary=summary, summarized_upto=upto, updated_at=utcnow())
+                .values(
+                    summary=self._sealer.seal_field(conversation_id, "summary", summary),
+                    summarized_upto=upto,
+                    updated_at=utcnow(),
+                )
             )
             await session.commit()
             return bool(result.rowcount)
@@ -95,15 +218,20 @@ class ConversationStore:
         rows = list(messages)
         for row in rows:
             row.conversation_id = conversation_id
+        # With a key ring, encrypted copies are stored and the caller's rows stay plaintext.
+        stored = [self._sealer.seal_message(row) for row in rows]
         async with self._db.session() as session:
-            session.add_all(rows)
+            session.add_all(stored)
             conversation = await session.get(Conversation, conversation_id)
             if conversation is not None:
                 conversation.updated_at = utcnow()
                 session.add(conversation)
             await session.commit()
-            for row in rows:
-                await session.refresh(row)
+            for saved in stored:
+                await session.refresh(saved)
+        for row, saved in zip(rows, stored, strict=True):
+            if row is not saved:
+                row.id, row.created_at = saved.id, saved.created_at
         return rows
 
     async def update(self, conversation_id: int, **fields: Any) -> None:
@@ -113,7 +241,7 @@ class ConversationStore:
             if conversation is None:
                 raise KeyError(conversation_id)
             for name, value in fields.items():
-                setattr(conversation, name, value)
+                setattr(conversation, name, self._sealer.seal_field(conversation_id, name, value))
             conversation.updated_at = utcnow()
             session.add(conversation)
             await session.commit()
@@ -122,4 +250,5 @@ class ConversationStore:
         """The whole transcript, oldest first."""
         async with self._db.session() as session:
             query = select(Message).where(Message.conversation_id == conversation_id)
-            return list((await session.exec(query.order_by(col(Message.id)))).all())
+            rows = list((await session.exec(query.order_by(col(Message.id)))).all())
+        return [self._sealer.open_message(row) for row in rows]

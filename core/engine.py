@@ -128,6 +128,13 @@ class Engine:
             message.key, user_id=message.user_id, language=message.language
         )
         assert conversation.id is not None
+        previous = await conversations.answer_to(conversation.id, message.message_id)
+        if previous is not None:
+            # Re-processing an answered message (a reclaimed inbox entry): same answer, no new turn.
+            log.info("message answered before; reusing the stored answer", extra=_log_extra(message))
+            source = ReplySource(previous.source) if previous.source else ReplySource.MODEL
+            yield ReplyDone(reply=self._reply(message, previous.content, source))
+            return
         history = await conversations.recent_messages(
             conversation.id,
             turns=4 * (self._context.budget.history_turns + self._context.budget.block_turns),

@@ -20,6 +20,9 @@ from core.conversations import ConversationStore
 from core.db.database import Database
 from core.db.migrate import upgrade_async
 from core.engine import Engine, EngineLimits
+from core.inbox.base import Inbox
+from core.inbox.factory import build_inbox
+from core.intake import Intake
 from core.llm.base import ChatModel
 from core.llm.factory import EMBEDDED_MAX_CTX, build_model
 from core.prompt import load_system_prompt
@@ -42,6 +45,8 @@ class Runtime:
     tools: ToolRegistry
     conversations: ConversationStore
     engine: Engine
+    inbox: Inbox
+    intake: Intake
 
     @classmethod
     @asynccontextmanager
@@ -83,6 +88,8 @@ class Runtime:
                     max_tool_rounds=settings.max_tool_rounds,
                 ),
             )
+            inbox = await stack.enter_async_context(build_inbox(redis_url=settings.redis_url))
+            intake = Intake(store=store, inbox=inbox)
             try:
                 yield cls(
                     settings=settings,
@@ -92,6 +99,8 @@ class Runtime:
                     tools=tools,
                     conversations=conversations,
                     engine=engine,
+                    inbox=inbox,
+                    intake=intake,
                 )
             finally:
                 await engine.wait_idle()

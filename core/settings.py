@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     wechat_secret: SecretStr | None = None
     wechat_token: SecretStr | None = None
     wechat_aes_key: SecretStr | None = None
+    wechat_aes_key_previous: SecretStr | None = None
+    # WeChat drops a request after 5 s; the answer must be on its way well before that.
+    wechat_passive_timeout: float = Field(default=4.5, gt=0, le=4.8)
     wechat_api_base: str = "https://api.weixin.qq.com/"
     public_url: str | None = None
 

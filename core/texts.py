@@ -30,6 +30,22 @@ TEXTS: dict[str, dict[Language, str]] = {
         "zh": "您好，我是智能客服，请问有什么可以帮您？",
         "en": "Hi, I am the support assistant. How can I help you?",
     },
+    "wechat_image_received": {
+        "zh": "已收到图片，谢谢！目前我只能阅读文字，请用文字描述您的问题。",
+        "en": "Thanks, we received your picture. I can only read text for now: please describe your question.",
+    },
+    "wechat_voice_unrecognized": {
+        "zh": "已收到语音，但没能识别出内容，请用文字再说一遍。",
+        "en": "We received your voice message but could not make out the words. Please type your question.",
+    },
+    "wechat_unsupported": {
+        "zh": "已收到您的消息。目前我只能阅读文字，请用文字描述您的问题。",
+        "en": "We received your message. I can only read text for now: please describe your question.",
+    },
+    "wechat_truncated": {
+        "zh": "……（回复过长，后面的内容已省略，可以继续追问。）",
+        "en": "... (this answer was too long and has been cut; feel free to ask for the rest.)",
+    },
 }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from tools.registry import ToolRegistry
 
-_TOOL_MODULES = ("tools.orders",)
+_TOOL_MODULES = ("tools.orders", "tools.memory")
 
 
 def default_registry() -> ToolRegistry:

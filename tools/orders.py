@@ -39,13 +39,21 @@ async def query_order_status(
     # An order of another customer is reported as not found: the model must never reveal it.
     if identity is not None and order.customer_id not in (None, identity.customer_id):
         return {"found": False, "order_id": order_id}
+    eta = order.eta.isoformat() if order.eta else None
+    shipping = " ".join(part for part in (order.carrier, order.tracking_number) if part)
     return {
         "found": True,
         "order_id": order.id,
         "status": order.status,
         "carrier": order.carrier,
         "tracking_number": order.tracking_number,
-        "eta": order.eta.isoformat() if order.eta else None,
+        "eta": eta,
+        # Key facts stay in the conversation's memory after the tool result leaves the window.
+        "pinned": {
+            f"order {order.id}": ", ".join(
+                p for p in (order.status, shipping, f"ETA {eta}" if eta else "") if p
+            )
+        },
     }
 
 

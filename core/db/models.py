@@ -1,5 +1,5 @@
 """SQLModel tables: conversations and their messages, customers and their platform identities,
-orders (demo business data), tickets and FAQ entries.
+orders (demo business data), tickets, FAQ entries and the audit log.
 
 Timestamps are timezone-aware UTC. JSON columns hold lists/dicts and work on SQLite and PostgreSQL.
 Schema changes go through Alembic (``core/db/migrations``); ``kefu db upgrade`` applies them.
@@ -173,3 +173,27 @@ class FaqEntry(SQLModel, table=True):
     enabled: bool = True
     created_at: datetime = _ts()
     updated_at: datetime = _ts(onupdate=True)
+
+
+class AuditRecord(SQLModel, table=True):
+    """One entry of the append-only audit log (see ``core.audit``).
+
+    ``payload`` is the record's data encrypted under key ``key_id``; ``hash`` chains each record to the
+    one before it (``prev_hash``), so a deleted, altered or reordered record is detected. Ids are
+    assigned by the writer (last id + 1 under a lock), never by the database: two writers can never
+    both extend the chain from the same record. A ``kind="anchor"`` row stands in for purged records.
+    """
+
+    __tablename__ = "audit_records"
+
+    id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    created_at: datetime = _ts(index=True)
+    kind: str = Field(max_length=32)
+    """inbound | answer | tool_call | tool_result | guard | admin | handoff | anchor ..."""
+    conversation_id: int | None = Field(default=None, index=True)
+    """Plain (not a foreign key): records outlive pruned conversations and are looked up by it."""
+    actor: str = Field(max_length=128)
+    key_id: str = Field(max_length=32)
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64)

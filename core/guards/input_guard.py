@@ -12,6 +12,7 @@ import base64
 import binascii
 import codecs
 import re
+import unicodedata
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,12 @@ _COMPACT_MIN = 16
 _BASE64 = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{16,}={0,2}")
 _HEX = re.compile(r"(?<![0-9a-f])(?:[0-9a-f]{2}[ :]?){8,}(?![0-9a-f])")
 _PERCENT = re.compile(r"(?:%[0-9a-f]{2}){4,}", re.IGNORECASE)
+# Frequent English words: a Latin message with none of them that gains some under rot13 is rot13.
+_STOPWORDS = frozenset(
+    "the a an and or to of in is are you your i me my it this that for on with be do not all what how "
+    "please tell say ignore previous instructions password system prompt into from now reveal secret rules "
+    "print repeat show give new".split()
+)
 _SENTENCE = re.compile(r"[^。！？!?；;\n.]+[。！？!?；;\n.]*|[。！？!?；;\n.]+")
 
 
@@ -160,7 +167,7 @@ def _decode_base64(token: str) -> str | None:
 def _encoded_payloads(text: str, clean: str) -> list[tuple[str, str]]:
     """(decoder name, decoded text) for every plausible encoded payload in the message."""
     found: list[tuple[str, str]] = []
-    for token in _BASE64.findall(text):
+    for token in _BASE64.findall(unicodedata.normalize("NFKC", strip_invisible(text))):
         decoded = _decode_base64(token)
         if decoded:
             found.append(("base64", decoded))
@@ -174,6 +181,17 @@ def _encoded_payloads(text: str, clean: str) -> list[tuple[str, str]]:
     if "%" in text and _PERCENT.search(text):
         found.append(("percent", urllib.parse.unquote(text)))
     return found
+
+
+def _rot13_of(words: str) -> str | None:
+    """The rot13 decoding of ``words`` when the message reads like rot13-encoded English, else None."""
+    tokens = words.split()
+    if len(tokens) < 3 or not _LATIN_ALNUM.search(words):
+        return None
+    plain = sum(t in _STOPWORDS for t in tokens)
+    rot = codecs.encode(words, "rot13")
+    decoded = sum(t in _STOPWORDS for t in rot.split())
+    return rot if decoded >= 2 and decoded > 2 * plain else None
 
 
 class InputGuard:
@@ -249,12 +267,10 @@ class InputGuard:
         for decoder, decoded in _encoded_payloads(text, norm.clean):
             for inner in self._scan(decoded, depth=depth + 1):
                 matches.append(self._match(f"{decoder}>{inner.rule}", inner.category))
-        # rot13 hides whole sentences in Latin letters; the lexicon is enough to see through it.
-        if _LATIN_ALNUM.search(norm.words):
-            rot = codecs.encode(norm.words, "rot13")
-            entry = self._lexicon.first_match(rot, rot.replace(" ", ""))
-            if entry is not None:
-                matches.append(self._match(f"rot13>{entry.rule}", entry.category))
+        rot = _rot13_of(norm.words)
+        if rot is not None:
+            for inner in self._scan(rot, depth=depth + 1):
+                matches.append(self._match(f"rot13>{inner.rule}", inner.category))
         return matches
 
     # ------------------------------------------------------------------ decisions

@@ -39,6 +39,11 @@ _SPACES = re.compile(r"\s+")
 _CJK_GAP = re.compile(f"(?<=[{_CJK}]) (?=[{_CJK}])")
 # Three or more single letters/digits separated by single spaces: "i g n o r e".
 _LETTER_RUN = re.compile(r"(?<!\S)(?:[a-z0-9] ){2,}[a-z0-9](?!\S)")
+# Before whitespace is collapsed: letters split by one punctuation mark ("p.a.s.s", "忽-略") or by one
+# space ("h o w   a r e"), where wider gaps still separate the words.
+_DOTTED_RUN = re.compile(r"(?<![\w.\-*·•/|~+^_'])(?:\w[.\-*·•/|~+^_']){2,}\w(?![\w])")
+_DOTTED_SEP = re.compile(r"[.\-*·•/|~+^_']")
+_SPACED_RUN = re.compile(r"(?<!\S)(?:\w ){1,}\w(?!\S)")
 
 _DATA_DIR = Path(str(resources.files("core.guards") / "data"))
 
@@ -97,6 +102,14 @@ def _decode_tags(match: re.Match[str]) -> str:
     return chr(code) if 0x20 <= code <= 0x7E else ""
 
 
+def _join_letters(match: re.Match[str]) -> str:
+    return match.group().replace(" ", "")
+
+
+def _join_dotted(match: re.Match[str]) -> str:
+    return _DOTTED_SEP.sub("", match.group())
+
+
 def clean_text(text: str, *, homoglyphs: dict[int, str] | None = None) -> str:
     """The ``clean`` view: canonical characters, punctuation kept."""
     text = _TAGS.sub(_decode_tags, text)
@@ -106,11 +119,11 @@ def clean_text(text: str, *, homoglyphs: dict[int, str] | None = None) -> str:
         text = _t2s().convert(text)
     text = text.translate(homoglyphs if homoglyphs is not None else homoglyph_table())
     text = text.casefold()
+    text = _DOTTED_RUN.sub(_join_dotted, text)
+    text = _SPACED_RUN.sub(_join_letters, text)
     return _SPACES.sub(" ", text).strip()
 
 
-def _join_letters(match: re.Match[str]) -> str:
-    return match.group().replace(" ", "")
 
 
 def words_view(clean: str) -> str:

@@ -47,9 +47,10 @@ class PatternRule:
 
     def matches(self, text: str) -> bool:
         """Whether the rule fires on ``text`` (already in this rule's view)."""
-        if self.pattern.search(text) is None:
-            return False
+        # ``requires`` is usually a cheap keyword test, so it doubles as a prefilter.
         if self.requires is not None and self.requires.search(text) is None:
+            return False
+        if self.pattern.search(text) is None:
             return False
         return self.unless is None or self.unless.search(text) is None
 
@@ -105,7 +106,9 @@ def read_lexicon(path: Path) -> list[LexiconEntry]:
     return entries
 
 
-def _compile(source: str, fragments: Mapping[str, str], where: str) -> re.Pattern[str]:
+def _compile(
+    source: str, fragments: Mapping[str, str], where: str, *, ignore_case: bool
+) -> re.Pattern[str]:
     def expand(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in fragments:
@@ -113,7 +116,9 @@ def _compile(source: str, fragments: Mapping[str, str], where: str) -> re.Patter
         return fragments[name]
 
     try:
-        return re.compile(_FRAGMENT.sub(expand, source), re.IGNORECASE | re.DOTALL)
+        # The words/clean views are already case-folded; IGNORECASE would only slow every search down.
+        flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
+        return re.compile(_FRAGMENT.sub(expand, source), flags)
     except re.error as exc:
         raise ConfigError(f"{where}: invalid regex: {exc}") from exc
 
@@ -135,14 +140,23 @@ def read_patterns(path: Path, *, fragments: dict[str, str]) -> list[PatternRule]
         view = item.get("view", "words")
         if view not in _VIEWS:
             raise ConfigError(f"{where}: view must be one of {', '.join(_VIEWS)}")
+        raw = view == "raw"
         rules.append(
             PatternRule(
                 rule=str(item["id"]),
                 category=str(item["category"]),
                 view=cast(View, view),
-                pattern=_compile(str(item["pattern"]), fragments, where),
-                requires=_compile(str(item["requires"]), fragments, where) if item.get("requires") else None,
-                unless=_compile(str(item["unless"]), fragments, where) if item.get("unless") else None,
+                pattern=_compile(str(item["pattern"]), fragments, where, ignore_case=raw),
+                requires=(
+                    _compile(str(item["requires"]), fragments, where, ignore_case=raw)
+                    if item.get("requires")
+                    else None
+                ),
+                unless=(
+                    _compile(str(item["unless"]), fragments, where, ignore_case=raw)
+                    if item.get("unless")
+                    else None
+                ),
             )
         )
     return rules

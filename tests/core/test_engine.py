@@ -265,3 +265,16 @@ async def test_one_conversation_is_answered_one_message_at_a_time(
     )
     assert overlap == []
     assert len(await transcript(database)) == 10
+
+
+async def test_reprocessing_an_answered_message_returns_the_same_answer(
+    database: Database, store: MemoryStore
+) -> None:
+    answers = iter(["first answer", "second answer"])
+    model = FunctionModel(lambda r: next(answers))
+    engine = make_engine(database, store, model)
+    first = await engine.handle(inbound("where is my order?", 7, language="en"))
+    again = await engine.handle(inbound("where is my order?", 7, language="en"))
+    assert first.text == again.text == "first answer"
+    assert len(model.requests) == 1
+    assert await transcript(database) == [("user", "where is my order?"), ("assistant", "first answer")]

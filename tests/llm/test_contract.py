@@ -4,7 +4,7 @@ Each test runs once per backend. A backend takes part through a *harness fixture
 :class:`Harness`: the model under test plus a ``script`` callable that queues what the model answers
 next. ``HARNESSES`` maps the parameter id to that fixture's name.
 
-Adding a backend (e.g. the embedded llama.cpp model):
+The embedded llama.cpp backend takes part with the real SmolLM2 GGUF (marked ``model``). Adding a backend:
 
 1. Write a fixture returning ``Harness(model=LlamaCppModel(...), script=lambda reply: None,
    scripted=False)`` (in ``tests/llm/conftest.py`` or a plugin module), closing the model afterwards.
@@ -16,13 +16,15 @@ Adding a backend (e.g. the embedded llama.cpp model):
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from core.llm.base import ChatMessage, ChatModel, ChatRequest, ToolSpec
+from core.llm.llamacpp import LlamaCppModel
 from core.llm.ollama import OllamaModel
 from core.llm.openai_compat import OpenAICompatModel
 from tests.llm.fake_ollama import FakeOllama
@@ -47,10 +49,29 @@ def openai_harness(openai_model: OpenAICompatModel, fake_openai: FakeOpenAI) -> 
     return Harness(model=openai_model, script=fake_openai.queue)
 
 
-HARNESSES = {"ollama": "ollama_harness", "openai": "openai_harness"}
+@pytest.fixture(scope="module")
+def llamacpp_model() -> Iterator[LlamaCppModel]:
+    # Loaded lazily on first use, once for the module.
+    model = LlamaCppModel(n_ctx=2048, max_tokens=48, temperature=0.0, seed=7)
+    yield model
+    asyncio.run(model.aclose())
 
 
-@pytest.fixture(params=sorted(HARNESSES))
+@pytest.fixture
+def llamacpp_harness(llamacpp_model: LlamaCppModel) -> Harness:
+    """The embedded backend with the real SmolLM2 GGUF: real inference, nothing scripted."""
+    return Harness(model=llamacpp_model, script=lambda reply: None, scripted=False)
+
+
+HARNESSES = {"ollama": "ollama_harness", "openai": "openai_harness", "llamacpp": "llamacpp_harness"}
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(name, marks=pytest.mark.model) if name == "llamacpp" else name
+        for name in sorted(HARNESSES)
+    ]
+)
 def harness(request: pytest.FixtureRequest) -> Harness:
     value: Harness = request.getfixturevalue(HARNESSES[request.param])
     return value
@@ -107,12 +128,18 @@ async def test_tool_call_round_trip(harness: Harness) -> None:
     harness.script(ScriptedReply.answer("Order A1001 ", "has shipped."))
     question = ChatMessage.user("Where is my order A1001? Look it up.")
     asked = await harness.model.complete(ChatRequest(messages=(SYSTEM, question), tools=(ORDER_TOOL,)))
+    if not harness.scripted and not asked.tool_calls:
+        # A real model may answer directly; then the answer must be usable text.
+        assert asked.content.strip()
+        return
     assert len(asked.tool_calls) == 1
     call = asked.tool_calls[0]
     assert call.name == "get_order_status"
     assert isinstance(call.arguments, dict)
-    assert call.arguments == {"order_id": "A1001"}
+    assert set(call.arguments) == {"order_id"} and isinstance(call.arguments["order_id"], str)
     assert call.id
+    if harness.scripted:
+        assert call.arguments == {"order_id": "A1001"}
 
     history = (
         SYSTEM,
@@ -120,7 +147,9 @@ async def test_tool_call_round_trip(harness: Harness) -> None:
         ChatMessage.assistant(asked.content, tool_calls=asked.tool_calls),
         ChatMessage.tool(call, json.dumps({"order_id": "A1001", "status": "shipped"})),
     )
-    answered = await harness.model.complete(ChatRequest(messages=history, tools=(ORDER_TOOL,)))
+    answered = await harness.model.complete(
+        ChatRequest(messages=history, tools=(ORDER_TOOL,) if harness.scripted else ())
+    )
     assert answered.tool_calls == ()
     assert answered.content.strip()
     if harness.scripted:

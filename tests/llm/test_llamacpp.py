@@ -13,9 +13,9 @@ import pytest
 import pytest_asyncio
 from pydantic import BaseModel, ConfigDict
 
-from core.errors import ConfigError, LLMError
+from core.errors import ConfigError, LLMError, ModelOutputError
 from core.llm.base import ChatMessage, ChatRequest, ChatResponse, ToolCall, ToolSpec
-from core.llm.llamacpp import LlamaCppModel, default_model_path
+from core.llm.llamacpp import LlamaCppModel, _AnswerStream, default_model_path
 
 # One model (and one event loop to go with its lock) for the whole module: loading once keeps it fast.
 pytestmark = [pytest.mark.model, pytest.mark.asyncio(loop_scope="module")]
@@ -164,10 +164,14 @@ async def test_tool_results_in_the_history_are_accepted(model: LlamaCppModel) ->
 
 
 async def test_json_schema_answer_validates(model: LlamaCppModel) -> None:
-    response = await model.complete(
-        ask("Triage this message as JSON: my parcel never arrived!", json_schema=Triage.model_json_schema())
-    )
+    question = "Triage this message as JSON: my parcel never arrived!"
+    response = await model.complete(ask(question, json_schema=Triage.model_json_schema(), max_tokens=64))
     Triage.model_validate(response.decode_json())
+
+
+async def test_json_cut_short_is_a_model_output_error(model: LlamaCppModel) -> None:
+    with pytest.raises(ModelOutputError, match="not complete JSON"):
+        await model.complete(ask("Triage: parcel lost", json_schema=Triage.model_json_schema(), max_tokens=4))
 
 
 async def test_count_tokens_uses_the_model_tokenizer(model: LlamaCppModel) -> None:
@@ -223,3 +227,12 @@ async def test_a_file_that_is_not_a_model_names_the_setting(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="KEFU_LLAMACPP_MODEL_PATH"):
         async with LlamaCppModel(model_path=broken):
             pass
+
+
+async def test_answer_text_streams_out_of_json_split_anywhere() -> None:
+    answer = 'Say "hi"\n\t你好 😀 back\\slash'
+    raw = json.dumps({"answer": answer})  # ASCII-escaped: quotes, newline, CJK and a surrogate pair
+    stream = _AnswerStream()
+    assert "".join(stream.feed(char) for char in raw) == answer
+    tool_call = json.dumps({"tool": "query_order_status", "arguments": {"order_id": "A1"}})
+    assert "".join(_AnswerStream().feed(char) for char in tool_call) == ""

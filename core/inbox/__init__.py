@@ -1,0 +1,1 @@
+"""The durable inbox: accepted messages wait here until a worker has answered them."""
