@@ -162,10 +162,8 @@ def to_inbound(
 
     if kind == "message" and not is_dm and channel not in support_channels:
         return None  # elsewhere only mentions are answered
-    if is_dm:
-        thread_id = thread_ts  # a DM is one conversation unless the customer opens a thread
-    else:
-        thread_id = thread_ts or ts  # answered in the message's thread
+    # A DM is one conversation unless the customer opens a thread; in channels, the message's thread.
+    thread_id = thread_ts if is_dm else thread_ts or ts
     customer_text = plain_text(text, bot_ids=bots, strip_leading_mention=kind == "app_mention" and not bots)
     return InboundMessage(
         key=ConversationKey(channel=CHANNEL, chat_id=channel, thread_id=thread_id),
@@ -355,7 +353,7 @@ class SlackSender(ReplySender):
                 now = loop.time()
                 if last_write is not None and now - last_write < self._interval:
                     continue
-                preview = split_message(render_mrkdwn("".join(written)), self._limit)
+                preview = split_message(render_mrkdwn("".join(written)), self._limit - 2)
                 if not preview:
                     continue
                 try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -71,7 +71,7 @@ def _operator() -> str:
         return "cli:unknown"
 
 
-async def _with_log(settings: Settings, work: Any) -> Any:
+async def _with_log(settings: Settings, work: Callable[[AuditLog], Awaitable[T]]) -> T:
     # Never generate a key here: a new key could not read anything already written.
     keyring = await asyncio.to_thread(keyring_from_settings, settings, create=False)
     async with Database(url=settings.database_url) as db:
@@ -85,7 +85,7 @@ def verify(ctx: typer.Context) -> None:
     async def work(log: AuditLog) -> VerifyReport:
         return await log.verify()
 
-    report: VerifyReport = _run(_with_log(_settings(ctx), work))
+    report = _run(_with_log(_settings(ctx), work))
     typer.echo(report.render())
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)
@@ -100,16 +100,18 @@ def export(
     """Print one conversation's audit records, decrypted, as a JSON array (oldest first)."""
 
     async def work(log: AuditLog) -> list[dict[str, Any]]:
-        # Reading customers' data is itself an admin action worth a record.
+        records = await log.export(conversation)
+        # Reading customers' data is itself an admin action worth a record. Written only once the
+        # export worked, so a wrong key never adds a record the real key cannot read.
         await log.record(
             "admin",
             conversation_id=None,
             actor=_operator(),
-            data={"action": "audit_export", "conversation_id": conversation},
+            data={"action": "audit_export", "conversation_id": conversation, "records": len(records)},
         )
-        return await log.export(conversation)
+        return records
 
-    records: list[dict[str, Any]] = _run(_with_log(_settings(ctx), work))
+    records = _run(_with_log(_settings(ctx), work))
     text = json.dumps(records, ensure_ascii=False, indent=2)
     if output is None:
         typer.echo(text)
@@ -133,7 +135,7 @@ def purge(
     async def work(log: AuditLog) -> int:
         return await log.purge_expired(retention_days=retention)
 
-    purged: int = _run(_with_log(settings, work))
+    purged = _run(_with_log(settings, work))
     typer.echo(f"{purged} audit records older than {retention} days purged")
 
 

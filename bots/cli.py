@@ -12,9 +12,12 @@ Exit codes: 0 success, 1 something required is down or failed, 2 invalid configu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Coroutine
+import threading
+from collections.abc import Coroutine, Iterator
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -102,7 +105,7 @@ def serve(
         proxy_headers=True,
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     log.info("serving on http://%s:%d/", host, port)
     try:
         server.run()
@@ -111,6 +114,31 @@ def serve(
     if not server.started:
         # uvicorn has logged why the start-up (database, model...) failed.
         raise _fail("the gateway did not start", EXIT_FAILED)
+
+
+def _server_class() -> type[Any]:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, ending with exit code 0 after a graceful SIGTERM/SIGINT shutdown.
+
+        uvicorn re-raises the signal once it has shut down, so the process dies "killed by SIGTERM";
+        for kefu a requested, completed shutdown is a success (supervisors and scripts see 0).
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+    return Server
 
 
 @app.command()
@@ -122,14 +150,17 @@ def chat(
     ] = None,
 ) -> None:
     """Chat with the bot in this terminal; with a pipe, one message per line and one answer per line."""
-    from bots.terminal import run_chat, valid_session
+    from bots.terminal import chat_until_done, valid_session
 
     if session is not None and not valid_session(session):
         raise _fail("--session must be 1-64 characters of A-Z a-z 0-9 _ . @ -", EXIT_CONFIG)
     try:
-        _run(run_chat(_settings(ctx), session=session))
-    except KeyboardInterrupt:
-        typer.echo("", err=False)
+        chat_until_done(_settings(ctx), session=session)
+    except ConfigError as exc:
+        raise _fail(str(exc), EXIT_CONFIG) from None
+    except KefuError as exc:
+        raise _fail(str(exc), EXIT_FAILED) from None
+    except KeyboardInterrupt:  # before the chat's own Ctrl-C handling is in place
         raise typer.Exit(0) from None
 
 

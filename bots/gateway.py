@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 ROUTE_MODULES: tuple[str, ...] = (
     "bots.health",
     "bots.webchat",
+    "bots.slack",
+    "bots.wechat",
+    "bots.telegram",
 )
 """Modules whose ``routes`` the gateway mounts, in order."""
 

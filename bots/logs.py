@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import Literal, TextIO
+from typing import Literal, Protocol, TextIO
 
 LogFormat = Literal["auto", "json", "console"]
 
@@ -19,7 +19,15 @@ CONTEXT_FIELDS = ("conversation", "message_id")
 """Record extras carried into every log line when present."""
 
 # Libraries that are chatty at INFO and say nothing an operator needs there.
-_QUIET_LOGGERS = ("httpx", "httpcore", "aiosqlite", "websockets", "openai", "ollama", "alembic.runtime.plugins")
+_QUIET_LOGGERS = (
+    "httpx",
+    "httpcore",
+    "aiosqlite",
+    "websockets",
+    "openai",
+    "ollama",
+    "alembic.runtime.plugins",
+)
 
 
 class JSONFormatter(logging.Formatter):
@@ -68,7 +76,7 @@ def setup_logging(
     ``auto`` picks JSON when the stream is not a terminal (containers, systemd, log shippers) and
     readable lines otherwise. Replaces handlers set up before, so calling it twice is harmless.
     """
-    out = stream if stream is not None else sys.stderr
+    out: _Stream = stream if stream is not None else _CurrentStderr()
     if fmt == "auto":
         fmt = "console" if _is_tty(out) else "json"
     handler = logging.StreamHandler(out)
@@ -88,7 +96,27 @@ def setup_logging(
     return handler
 
 
-def _is_tty(stream: TextIO) -> bool:
+class _Stream(Protocol):
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
+    def isatty(self) -> bool: ...
+
+
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is at write time: a live terminal display (``kefu chat``) that redirects
+    stderr then prints log lines above the answer being written instead of through it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return _is_tty(sys.stderr)
+
+
+def _is_tty(stream: _Stream) -> bool:
     try:
         return stream.isatty()
     except (AttributeError, ValueError):  # closed or replaced streams

@@ -12,8 +12,11 @@ carries over between runs against the same database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
+import os
 import re
+import signal
 import sys
 import threading
 import uuid
@@ -193,3 +196,39 @@ async def run_chat(
             interactive=interactive,
         )
         await chat.run()
+
+
+def chat_until_done(settings: Settings, *, session: str | None = None) -> None:
+    """Run the chat on a fresh event loop until the user leaves (the ``kefu chat`` command).
+
+    Ctrl-C stops cleanly: the answer in progress is abandoned and the runtime closed. Closing waits
+    for the model thread to notice, which may take a while during a long prompt evaluation, so a
+    second Ctrl-C leaves at once (whatever was stored so far is already committed).
+    """
+    with asyncio.Runner() as runner:
+        loop = runner.get_loop()
+        task = loop.create_task(run_chat(settings, session=session))
+        interrupts = 0
+
+        def hint() -> None:
+            if not task.done():
+                sys.stderr.write("\n正在停止… stopping (Ctrl-C again to quit now)\n")
+                sys.stderr.flush()
+
+        def on_interrupt() -> None:
+            nonlocal interrupts
+            interrupts += 1
+            if interrupts > 1:
+                os._exit(130)
+            task.cancel()
+            loop.call_later(1.0, hint)
+
+        with contextlib.suppress(NotImplementedError):  # no signal handlers on this platform/thread
+            loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        try:
+            loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            sys.stdout.write("\n")
+        finally:
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_signal_handler(signal.SIGINT)

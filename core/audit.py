@@ -25,7 +25,8 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -82,6 +83,16 @@ class _Row:
     payload: str
     prev_hash: str
     hash: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One record to append with :meth:`AuditLog.record_many`."""
+
+    kind: str
+    conversation_id: int | None
+    actor: str
+    data: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -165,14 +176,24 @@ class AuditLog:
         Raises :class:`~core.errors.DatabaseError` when the database fails (after retries for a
         briefly unreachable one).
         """
-        if not kind or len(kind) > 32 or kind == ANCHOR:
-            raise ValueError(f"invalid audit record kind {kind!r}")
-        plaintext = _dumps(data)
-        actor = actor[:128]
-        async with self._lock:
-            await self._guard(retrying(lambda: self._append(kind, conversation_id, actor, plaintext)))
+        await self.record_many([AuditEntry(kind, conversation_id=conversation_id, actor=actor, data=data)])
 
-    async def _append(self, kind: str, conversation_id: int | None, actor: str, plaintext: bytes) -> None:
+    async def record_many(self, entries: Sequence[AuditEntry]) -> None:
+        """Append several records in one transaction (one lock, one commit), in order.
+
+        Cheaper than :meth:`record` per entry when a turn produces several at once (tool call,
+        tool result, guard decision, answer); all of them are stored or none.
+        """
+        if not entries:
+            return
+        for entry in entries:
+            if not entry.kind or len(entry.kind) > 32 or entry.kind == ANCHOR:
+                raise ValueError(f"invalid audit record kind {entry.kind!r}")
+        prepared = [(e.kind, e.conversation_id, e.actor[:128], _dumps(e.data)) for e in entries]
+        async with self._lock:
+            await self._guard(retrying(lambda: self._append(prepared)))
+
+    async def _append(self, entries: list[tuple[str, int | None, str, bytes]]) -> None:
         async with self._db.engine.connect() as conn:
             await self._lock_chain(conn)
             last = (
@@ -183,8 +204,12 @@ class AuditLog:
                 )
             ).first()
             record_id, prev = (last.id + 1, last.hash) if last is not None else (1, GENESIS_HASH)
-            values = self._seal(record_id, kind, conversation_id, actor, plaintext, prev_hash=prev)
-            await conn.execute(insert(AuditRecord).values(**values))
+            rows = []
+            for kind, conversation_id, actor, plaintext in entries:
+                values = self._seal(record_id, kind, conversation_id, actor, plaintext, prev_hash=prev)
+                rows.append(values)
+                record_id, prev = record_id + 1, values["hash"]
+            await conn.execute(insert(AuditRecord), rows)
             await conn.commit()
 
     def _seal(
@@ -291,13 +316,36 @@ class AuditLog:
         return await self._guard(self._verify())
 
     async def _verify(self) -> VerifyReport:
+        async with self._snapshot() as conn:
+            return await self._verify_on(conn)
+
+    @asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[AsyncConnection]:
+        """A connection whose reads all see one state of the table, so a purge or append running
+        while a long verification reads its batches cannot look like tampering."""
+        async with self._db.engine.connect() as conn:
+            if self._db.backend == "postgresql":
+                conn = await conn.execution_options(isolation_level="REPEATABLE READ")
+            elif self._db.backend == "sqlite":
+                # pysqlite runs SELECTs outside a transaction; a read transaction pins the WAL snapshot.
+                await conn.exec_driver_sql("BEGIN")
+            try:
+                yield conn
+            finally:
+                await conn.rollback()
+
+    async def _verify_on(self, conn: AsyncConnection) -> VerifyReport:
         checked = 0
         anchor_id: int | None = None
         prev: _Row | None = None
-        async for row in self._scan():
+        async for row in self._scan(conn):
+            # Order matters for the diagnosis: contents first, then the link (a moved record has
+            # intact contents but the wrong neighbour), then the payload's authentication.
             problem = self._check(row, prev)
             if problem is None and prev is not None and row.prev_hash != prev.hash:
-                problem = await self._link_problem(row, prev)
+                problem = await self._link_problem(conn, row, prev)
+            if problem is None and row.kind != ANCHOR:
+                problem = self._check_payload(row)
             if problem is not None:
                 kind, reason = problem
                 return VerifyReport(
@@ -321,16 +369,20 @@ class AuditLog:
         )
 
     def _check(self, row: _Row, prev: _Row | None) -> tuple[Problem, str] | None:
-        """Problems visible in the row itself (and, for the first row, where the chain starts)."""
-        aad = _aad(row.id, row.created_at, row.kind, row.conversation_id, row.actor, row.prev_hash)
+        """Problems visible in the row's fields (and, for the first row, where the chain starts)."""
         if row.kind == ANCHOR:
+            aad = _aad(row.id, row.created_at, row.kind, row.conversation_id, row.actor, row.prev_hash)
             if prev is not None:
                 return "altered", "a purge anchor in the middle of the chain"
             try:
                 anchor = json.loads(self._keyring.decrypt(row.payload, aad))
             except CryptoError as exc:
                 return self._crypto_problem(row, exc)
-            if anchor.get("purged_upto") != row.id or anchor.get("last_hash") != row.hash:
+            if (
+                not isinstance(anchor, dict)
+                or anchor.get("purged_upto") != row.id
+                or anchor.get("last_hash") != row.hash
+            ):
                 return "altered", "the purge anchor does not match the records it replaced"
             return None
         expected = record_hash(
@@ -346,6 +398,11 @@ class AuditLog:
             return "altered", "the record's contents do not match its hash"
         if prev is None and (row.id != 1 or row.prev_hash != GENESIS_HASH):
             return "deleted", f"records before {row.id} are missing and no purge anchor stands in for them"
+        return None
+
+    def _check_payload(self, row: _Row) -> tuple[Problem, str] | None:
+        """Whether the payload decrypts with the record's own metadata as associated data."""
+        aad = _aad(row.id, row.created_at, row.kind, row.conversation_id, row.actor, row.prev_hash)
         try:
             if key_id_of(row.payload) != row.key_id:
                 return "altered", "the key id column does not match the payload"
@@ -359,27 +416,28 @@ class AuditLog:
             return "unreadable", f"key {row.key_id!r} is not in the key ring (KEFU_AUDIT_KEY): {exc}"
         return "altered", f"the payload does not authenticate (ciphertext or metadata changed): {exc}"
 
-    async def _link_problem(self, row: _Row, prev: _Row) -> tuple[Problem, str]:
+    @staticmethod
+    async def _link_problem(conn: AsyncConnection, row: _Row, prev: _Row) -> tuple[Problem, str]:
         if row.id != prev.id + 1:
             return "deleted", f"record(s) {prev.id + 1}..{row.id - 1} are missing"
-        async with self._db.engine.connect() as conn:
-            elsewhere = (
-                await conn.execute(
-                    select(col(AuditRecord.id)).where(col(AuditRecord.hash) == row.prev_hash).limit(1)
-                )
-            ).scalar()
+        elsewhere = (
+            await conn.execute(
+                select(col(AuditRecord.id)).where(col(AuditRecord.hash) == row.prev_hash).limit(1)
+            )
+        ).scalar()
         if elsewhere is not None:
             return "reordered", f"the record links to record {elsewhere}, not to record {prev.id} before it"
         return "deleted", f"the record before {row.id} was deleted or replaced (its link does not match)"
 
-    async def _scan(self, *, conversation_id: int | None = None) -> AsyncIterator[_Row]:
+    @staticmethod
+    async def _scan(conn: AsyncConnection, *, conversation_id: int | None = None) -> AsyncIterator[_Row]:
+        """Rows in id order, read in batches so a long log never sits in memory at once."""
         after = 0
         while True:
             query = select(*_COLUMNS).where(col(AuditRecord.id) > after)
             if conversation_id is not None:
                 query = query.where(col(AuditRecord.conversation_id) == conversation_id)
-            async with self._db.engine.connect() as conn:
-                batch = (await conn.execute(query.order_by(col(AuditRecord.id)).limit(_SCAN_BATCH))).all()
+            batch = (await conn.execute(query.order_by(col(AuditRecord.id)).limit(_SCAN_BATCH))).all()
             for found in batch:
                 yield _Row(*found)
             if len(batch) < _SCAN_BATCH:
@@ -395,7 +453,9 @@ class AuditLog:
 
     async def _export(self, conversation_id: int) -> list[dict[str, Any]]:
         records = []
-        async for row in self._scan(conversation_id=conversation_id):
+        async with self._snapshot() as conn:
+            rows = [row async for row in self._scan(conn, conversation_id=conversation_id)]
+        for row in rows:
             aad = _aad(row.id, row.created_at, row.kind, row.conversation_id, row.actor, row.prev_hash)
             try:
                 data = json.loads(self._keyring.decrypt(row.payload, aad))

@@ -62,6 +62,15 @@ def _b64decode(text: str) -> bytes:
     return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), altchars=b"-_", validate=True)
 
 
+def _b64decode_canonical(text: str) -> bytes:
+    """Decode unpadded base64url, refusing encodings with stray bits in the last character: otherwise
+    several token strings would decrypt to the same value and an edited token could go unnoticed."""
+    data = _b64decode(text)
+    if _b64encode(data) != text:
+        raise ValueError("non-canonical base64")
+    return data
+
+
 def is_token(value: str) -> bool:
     """Whether ``value`` has the shape of a ciphertext token (rows written before encryption do not)."""
     return _TOKEN.fullmatch(value) is not None
@@ -146,7 +155,7 @@ class KeyRing:
         if cipher is None:
             raise CryptoError(f"unknown key id {key_id!r}: add that key to the key ring to read this data")
         try:
-            return cipher.decrypt(_b64decode(nonce), _b64decode(sealed), aad)
+            return cipher.decrypt(_b64decode_canonical(nonce), _b64decode_canonical(sealed), aad)
         except (InvalidTag, binascii.Error, ValueError) as exc:
             raise CryptoError("ciphertext does not authenticate: it was altered or moved") from exc
 

@@ -11,6 +11,7 @@ their language when nothing else works) and the error is logged with the convers
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,10 +22,10 @@ from core.context import ContextBuilder, split_turns
 from core.conversations import ConversationStore
 from core.db.models import Conversation, Message
 from core.errors import LLMError
-from core.llm.base import ChatMessage, ChatModel, ChatRequest, ChatResponse
+from core.llm.base import ChatMessage, ChatModel, ChatRequest, ChatResponse, ToolCall
 from core.memory import add_note, extract_facts
 from core.messages import InboundMessage, Reply, ReplyDelta, ReplyDone, ReplyEvent, ReplySource
-from core.sanitize import clean_text, looks_like_garbage
+from core.sanitize import clean_text, looks_like_garbage, looks_like_tool_call
 from core.stores.base import StateStore
 from core.summary import Summarizer
 from core.texts import text as fixed_text
@@ -214,8 +215,10 @@ class Engine:
             extras=dict(message.extras),
         )
         response: ChatResponse | None = None
+        seen_calls: set[str] = set()
+        repeating = False
         for round_no in range(self._limits.max_tool_rounds + 1):
-            offer_tools = round_no < self._limits.max_tool_rounds and len(self._tools) > 0
+            offer_tools = not repeating and round_no < self._limits.max_tool_rounds and len(self._tools) > 0
             request = ChatRequest(messages=tuple(prompt), tools=self._tools.specs() if offer_tools else ())
             response = None
             async for chunk in self._model.stream(request):
@@ -228,6 +231,13 @@ class Engine:
             self._check_context(message, response, estimated_tokens if round_no == 0 else None)
             if not response.tool_calls:
                 break
+            signatures = {_call_signature(c) for c in response.tool_calls}
+            if signatures <= seen_calls:
+                # The model asks again for what it already has: make it answer from the results.
+                log.info("repeated tool call; asking for the answer", extra=_log_extra(message))
+                repeating = True
+                continue
+            seen_calls |= signatures
             prompt.append(ChatMessage.assistant(response.content, response.tool_calls))
             turn.rows.append(
                 Message(
@@ -261,7 +271,7 @@ class Engine:
             "cached_tokens": response.usage.cached_tokens,
             "truncated": response.truncated,
         }
-        if response.tool_calls or looks_like_garbage(turn.answer):
+        if response.tool_calls or looks_like_garbage(turn.answer) or looks_like_tool_call(turn.answer):
             log.warning("model gave no usable answer", extra=_log_extra(message))
             turn.answer, turn.source = fixed_text("apology", message.language), ReplySource.SYSTEM
             turn.meta["error"] = "unusable_answer"
@@ -315,6 +325,10 @@ class Engine:
 
     def _fixed(self, message: InboundMessage, name: str, **values: object) -> Reply:
         return self._reply(message, fixed_text(name, message.language, **values), ReplySource.SYSTEM)
+
+
+def _call_signature(call: ToolCall) -> str:
+    return call.name + json.dumps(call.arguments, sort_keys=True, ensure_ascii=False)
 
 
 def _log_extra(message: InboundMessage) -> dict[str, str]:

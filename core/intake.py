@@ -1,19 +1,29 @@
-"""Accepting inbound messages: dedupe on the platform's message id, then the durable inbox.
+"""Accepting inbound messages: dedupe, rate limits, a per-conversation sequence number, the durable inbox.
 
 Platforms retry (WeChat three times within 15 s, Slack on a slow ack, Telegram until it gets a 2xx), and
 every gateway replica may receive the retry. The dedupe mark lives in the shared store, so a message is
 accepted once however many replicas see it. When the inbox cannot take the message the mark is removed
 and the error propagates: the gateway answers with an error status and the platform's retry will try
 again, so nothing acknowledged is lost.
+
+Each accepted message gets the next number of its conversation (``extras["_seq"]``, a counter in the
+shared store). Workers in any process answer number n only after number n-1 is done, so a conversation
+is answered in the order its messages were accepted even when two processes claim them.
+
+A user or conversation over its per-minute limit gets one polite notice per minute
+(``extras["_notice"]``, answered by the worker without the model); further messages in that minute are
+dropped (:attr:`Accepted.LIMITED`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from enum import StrEnum
 
 from core.inbox.base import Inbox
-from core.messages import InboundMessage
+from core.messages import ConversationKey, InboundMessage
 from core.stores.base import StateStore
 
 log = logging.getLogger(__name__)
@@ -21,21 +31,66 @@ log = logging.getLogger(__name__)
 DEDUPE_TTL = 7 * 24 * 3600.0
 """Telegram update ids may repeat after a week of silence; platform retries come within minutes."""
 
+SEQ_TTL = 30 * 24 * 3600.0
+"""Lifetime of a conversation's sequence counter, from its first message; it then starts again at 1."""
+
+DONE_TTL = 7 * 24 * 3600.0
+"""How long a "message n is done" mark is kept: far longer than any message waits in the inbox."""
+
+SEQ_FIELD = "_seq"
+NOTICE_FIELD = "_notice"
+RATE_WINDOW = 60.0
+
 
 class Accepted(StrEnum):
     NEW = "new"
     DUPLICATE = "duplicate"
+    LIMITED = "limited"
+    """Over the rate limit after the notice was already sent: not queued, not answered."""
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """Messages per minute; 0 turns a limit off."""
+
+    per_user: int = 20
+    per_conversation: int = 60
 
 
 def dedupe_key(message: InboundMessage) -> str:
     return f"seen:{message.key.channel}:{message.message_id}"
 
 
+def seq_key(key: ConversationKey) -> str:
+    return f"seq:{key}"
+
+
+def done_key(key: ConversationKey, seq: int) -> str:
+    """Set once message number ``seq`` of the conversation was answered, dead-lettered or abandoned."""
+    return f"done:{key}:{seq}"
+
+
+def sequence_of(message: InboundMessage) -> int | None:
+    """The message's number in its conversation, when the intake gave it one."""
+    value = message.extras.get(SEQ_FIELD)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 class Intake:
-    def __init__(self, *, store: StateStore, inbox: Inbox, dedupe_ttl: float = DEDUPE_TTL) -> None:
+    """Accepts each platform message once and queues it for the workers."""
+
+    def __init__(
+        self,
+        *,
+        store: StateStore,
+        inbox: Inbox,
+        dedupe_ttl: float = DEDUPE_TTL,
+        rate_limits: RateLimits | None = None,
+    ) -> None:
         self._store = store
         self._inbox = inbox
         self._dedupe_ttl = dedupe_ttl
+        self._limits = rate_limits or RateLimits(per_user=0, per_conversation=0)
 
     @property
     def inbox(self) -> Inbox:
@@ -43,16 +98,56 @@ class Intake:
 
     async def accept(self, message: InboundMessage) -> Accepted:
         """Queue ``message`` unless the same platform message was accepted before."""
+        extra = {"conversation": str(message.key), "message_id": message.message_id}
         key = dedupe_key(message)
         if not await self._store.set_if_absent(key, "1", ttl=self._dedupe_ttl):
-            log.info(
-                "duplicate delivery ignored",
-                extra={"conversation": str(message.key), "message_id": message.message_id},
-            )
+            log.info("duplicate delivery ignored", extra=extra)
             return Accepted.DUPLICATE
         try:
-            await self._inbox.put(message)
+            limited = await self._over_limit(message)
+            if limited == "drop":
+                log.info("message over the rate limit dropped", extra=extra)
+                return Accepted.LIMITED
+            seq = await self._store.incr(seq_key(message.key), ttl=SEQ_TTL)
         except BaseException:
             await self._store.delete(key)
             raise
+        extras = {**message.extras, SEQ_FIELD: seq}
+        if limited == "notice":
+            log.info("message over the rate limit; a notice will answer it", extra=extra)
+            extras[NOTICE_FIELD] = "rate_limited"
+        try:
+            # A mark left by an earlier run of the counter (it expired and restarted) is not about
+            # this message, which cannot have been answered before it is queued.
+            await self._store.delete(done_key(message.key, seq))
+            await self._inbox.put(message.model_copy(update={"extras": extras}))
+        except BaseException:
+            await self._store.delete(key)
+            await self._skip(message.key, seq)
+            raise
         return Accepted.NEW
+
+    async def _over_limit(self, message: InboundMessage) -> str | None:
+        """None within the limits; "notice" for the first message over a limit this minute, else "drop"."""
+        window = int(time.time() // RATE_WINDOW)
+        verdict: str | None = None
+        for limit, name in (
+            (self._limits.per_user, f"rate:user:{message.key.channel}:{message.user_id}:{window}"),
+            (self._limits.per_conversation, f"rate:conversation:{message.key}:{window}"),
+        ):
+            if limit <= 0:
+                continue
+            count = await self._store.incr(name, ttl=2 * RATE_WINDOW)
+            if count == limit + 1:
+                verdict = "notice"
+            elif count > limit and verdict is None:
+                verdict = "drop"
+        return verdict
+
+    async def _skip(self, key: ConversationKey, seq: int) -> None:
+        """Number ``seq`` will never be queued: let the conversation's next message go ahead."""
+        try:
+            await self._store.set(done_key(key, seq), "skipped", ttl=DONE_TTL)
+        except Exception:
+            # The worker holding the next message stops waiting after its order timeout.
+            log.warning("could not mark skipped message %d of %s", seq, key, exc_info=True)

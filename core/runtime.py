@@ -22,8 +22,9 @@ from core.db.migrate import upgrade_async
 from core.engine import Engine, EngineLimits
 from core.inbox.base import Inbox
 from core.inbox.factory import build_inbox
-from core.intake import Intake
+from core.intake import Intake, RateLimits
 from core.llm.base import ChatModel
+from core.llm.bounded import BoundedModel
 from core.llm.factory import EMBEDDED_MAX_CTX, build_model
 from core.prompt import load_system_prompt
 from core.settings import Settings
@@ -57,7 +58,11 @@ class Runtime:
                 await upgrade_async(settings.database_url)
             db = await stack.enter_async_context(Database(url=settings.database_url))
             store = await stack.enter_async_context(build_store(redis_url=settings.redis_url))
-            chat_model = await stack.enter_async_context(model or build_model(settings))
+            # Every model call of this process (answers and summaries) shares one bound.
+            chat_model: ChatModel = BoundedModel(
+                await stack.enter_async_context(model or build_model(settings)),
+                limit=settings.max_concurrent_model_calls,
+            )
             tools = default_registry()
             conversations = ConversationStore(db=db)
             num_ctx = settings.num_ctx
@@ -89,7 +94,14 @@ class Runtime:
                 ),
             )
             inbox = await stack.enter_async_context(build_inbox(redis_url=settings.redis_url))
-            intake = Intake(store=store, inbox=inbox)
+            intake = Intake(
+                store=store,
+                inbox=inbox,
+                rate_limits=RateLimits(
+                    per_user=settings.rate_limit_per_minute,
+                    per_conversation=settings.conversation_rate_limit_per_minute,
+                ),
+            )
             try:
                 yield cls(
                     settings=settings,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import unicodedata
 
 _KEEP = {"\n", "\t"}
@@ -29,3 +30,15 @@ def looks_like_garbage(answer: str) -> bool:
     if not stripped:
         return True
     return not any(ch.isalnum() for ch in stripped)
+
+
+def looks_like_tool_call(answer: str) -> bool:
+    """True for an answer that is a tool call written as text (a small model imitating earlier turns)."""
+    stripped = answer.strip()
+    if not (stripped.startswith("{") and stripped.endswith("}")):
+        return False
+    try:
+        value = json.loads(stripped)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and bool({"tool", "name", "function", "arguments"} & set(value))

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     system_prompt_file: Path | None = None
     max_tool_rounds: int = Field(default=4, ge=1)
 
+    # load limits
+    rate_limit_per_minute: int = Field(default=20, ge=0)
+    conversation_rate_limit_per_minute: int = Field(default=60, ge=0)
+    max_concurrent_model_calls: int = Field(default=4, ge=1)
+
     # platforms
     telegram_token: SecretStr | None = None
     telegram_webhook_secret: SecretStr | None = None

@@ -26,9 +26,26 @@ TEXTS: dict[str, dict[Language, str]] = {
         "zh": "正在处理您的上一条消息，请稍候。",
         "en": "I am still working on your previous message, one moment please.",
     },
+    "rate_limited": {
+        "zh": "您发送消息的速度有点快，请稍等一分钟再继续，我们会认真回复每一个问题。",
+        "en": "You are sending messages a little fast. Please wait a minute before continuing; "
+        "we will answer every question.",
+    },
     "greeting": {
         "zh": "您好，我是智能客服，请问有什么可以帮您？",
         "en": "Hi, I am the support assistant. How can I help you?",
+    },
+    "telegram_help": {
+        "zh": "直接发送您的问题，我会尽快回答。\n"
+        "在群组里请 @我 或回复我的消息。\n"
+        "/start 开始对话\n/help 使用帮助\n/human 联系人工客服",
+        "en": "Just send me your question and I will answer it.\n"
+        "In groups, mention me or reply to one of my messages.\n"
+        "/start start a conversation\n/help this help\n/human talk to a person",
+    },
+    "telegram_text_only": {
+        "zh": "抱歉，我目前只能阅读文字消息，请用文字描述您的问题。",
+        "en": "Sorry, I can only read text for now. Please type your question.",
     },
     "wechat_image_received": {
         "zh": "已收到图片，谢谢！目前我只能阅读文字，请用文字描述您的问题。",
@@ -45,6 +62,17 @@ TEXTS: dict[str, dict[Language, str]] = {
     "wechat_truncated": {
         "zh": "……（回复过长，后面的内容已省略，可以继续追问。）",
         "en": "... (this answer was too long and has been cut; feel free to ask for the rest.)",
+    },
+    "limited_mode_note": {
+        "zh": "（智能客服正在简化模式下运行，以上为常见问题解答。如需进一步帮助，请回复“人工”。）",
+        "en": '(The assistant is running in limited mode; this is a standard FAQ answer. Reply "human" '
+        "if you need more help.)",
+    },
+    "limited_mode_unknown": {
+        "zh": "抱歉，智能客服暂时无法回答这个问题。您的消息已记录，客服会尽快跟进；"
+        "也可以回复“人工”联系人工客服，或留下联系方式为您创建工单。",
+        "en": "Sorry, the assistant cannot answer this right now. We have kept your message and the team "
+        'will follow up; reply "human" to reach a person, or leave your contact details for a ticket.',
     },
 }
 

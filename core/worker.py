@@ -1,33 +1,66 @@
 """The worker: takes messages from the inbox, answers them, delivers the replies, acknowledges.
 
-Messages of one conversation are answered one after another in arrival order (a lane per
-conversation); different conversations run concurrently up to ``concurrency``. A reply that was already
-delivered (recorded in the shared store) is never sent again when a message is processed a second time
-(a reclaimed entry, a crash between sending and acknowledging). An entry that fails ``max_deliveries``
-times goes to the dead-letter list and the customer gets an apology instead of silence.
+Order: messages of one conversation are answered one after another in the order the intake accepted
+them, across processes. Inside a process each conversation has a lane that works on its lowest-numbered
+entry; message n starts only once the shared store says message n-1 is done (answered, dead-lettered or
+skipped). A lane waiting for another process polls the store without holding a processing slot, and
+gives up waiting after ``order_wait`` seconds so a lost predecessor can never stall a conversation.
+
+Exactly once: a reply that was already delivered (recorded in the shared store) is never sent again when
+a message is processed a second time (a reclaimed entry, a crash between sending and acknowledging).
+Entries being worked on are touched every ``reclaim_idle / 3`` seconds, so only the entries of a dead or
+stuck process are reclaimed by others. An entry that fails ``max_deliveries`` times goes to the
+dead-letter list and the customer gets an apology instead of silence.
+
+Shutdown: :meth:`stop` stops claiming; entries being answered are finished (for up to
+``shutdown_grace`` seconds), entries not yet started stay in the inbox for another worker to reclaim.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
-from collections import deque
+from dataclasses import dataclass, field
 
 from core.delivery import SenderRegistry
 from core.engine import Engine
 from core.inbox.base import Inbox, InboxEntry
-from core.messages import Reply, ReplySource
+from core.intake import DONE_TTL, NOTICE_FIELD, done_key, sequence_of
+from core.messages import InboundMessage, Reply, ReplySource
 from core.stores.base import StateStore
 from core.texts import text as fixed_text
 
 log = logging.getLogger(__name__)
 
 SENT_TTL = 7 * 24 * 3600.0
+_POLL_START = 0.02
+_POLL_MAX = 0.5
 
 
 def sent_key(entry: InboxEntry) -> str:
     return f"sent:{entry.message.key.channel}:{entry.message.message_id}"
+
+
+def _extra(message: InboundMessage) -> dict[str, str]:
+    return {"conversation": str(message.key), "message_id": message.message_id}
+
+
+@dataclass
+class _Lane:
+    """The claimed entries of one conversation, lowest sequence number first."""
+
+    entries: list[tuple[int, int, InboxEntry]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def head(self) -> InboxEntry:
+        return self.entries[0][2]
+
+    def remove(self, entry: InboxEntry) -> None:
+        self.entries = [item for item in self.entries if item[2] is not entry]
+        heapq.heapify(self.entries)
 
 
 class Worker:
@@ -44,6 +77,9 @@ class Worker:
         concurrency: int = 8,
         max_deliveries: int = 5,
         reclaim_idle: float = 120.0,
+        order_wait: float = 600.0,
+        shutdown_grace: float = 30.0,
+        max_claimed: int | None = None,
     ) -> None:
         self._inbox = inbox
         self._engine = engine
@@ -53,49 +89,102 @@ class Worker:
         self._slots = asyncio.Semaphore(concurrency)
         self._max_deliveries = max_deliveries
         self._reclaim_idle = reclaim_idle
-        self._lanes: dict[str, deque[InboxEntry]] = {}
+        self._order_wait = order_wait
+        self._shutdown_grace = shutdown_grace
+        # Claim no more than this process can soon work on, so idle processes get the rest.
+        self._max_claimed = max_claimed or 4 * concurrency
+        self._lanes: dict[str, _Lane] = {}
         self._lane_tasks: set[asyncio.Task[None]] = set()
         self._in_flight: set[str] = set()
+        self._arrivals = itertools.count()
         self._stopping = asyncio.Event()
         self.processed = 0
 
     async def run(self) -> None:
-        """Claim and process entries until :meth:`stop`; then finish what was claimed."""
+        """Claim and process entries until :meth:`stop`; then finish what is being answered."""
+        heartbeat = asyncio.create_task(self._heartbeat(), name=f"heartbeat:{self.consumer}")
+        try:
+            await self._claim_loop()
+        finally:
+            try:
+                await self._finish()
+            finally:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
+
+    async def stop(self) -> None:
+        """Stop claiming; :meth:`run` returns once the entries being answered are finished."""
+        self._stopping.set()
+        for lane in self._lanes.values():
+            lane.changed.set()
+
+    async def drain(self) -> None:
+        """Wait until every lane is finished."""
+        while self._lane_tasks:
+            await asyncio.gather(*self._lane_tasks, return_exceptions=True)
+
+    async def _claim_loop(self) -> None:
         loop = asyncio.get_running_loop()
         next_reclaim = loop.time()
         while not self._stopping.is_set():
+            room = self._max_claimed - len(self._in_flight)
+            if room <= 0:
+                await self._pause(0.05)
+                continue
             try:
-                entries = await self._inbox.claim(self.consumer, count=16, block=0.5)
+                entries = await self._inbox.claim(self.consumer, count=min(16, room), block=0.5)
                 if loop.time() >= next_reclaim:
                     entries += await self._inbox.reclaim(self.consumer, min_idle=self._reclaim_idle)
                     next_reclaim = loop.time() + self._reclaim_idle / 4
             except Exception:
                 log.error("inbox unavailable; retrying", exc_info=True)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), timeout=1.0)
+                await self._pause(1.0)
                 continue
             for entry in entries:
                 self._enqueue(entry)
-        await self.drain()
 
-    async def stop(self) -> None:
-        """Stop claiming; :meth:`run` returns once the claimed entries are finished."""
-        self._stopping.set()
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
 
-    async def drain(self) -> None:
-        while self._lane_tasks:
+    async def _heartbeat(self) -> None:
+        """Keep the entries this process holds from looking abandoned."""
+        while True:
+            await asyncio.sleep(max(0.01, self._reclaim_idle / 3))
+            if not self._in_flight:
+                continue
+            try:
+                await self._inbox.touch(self.consumer, sorted(self._in_flight))
+            except Exception:
+                log.warning("could not touch in-flight entries", exc_info=True)
+
+    async def _finish(self) -> None:
+        try:
+            async with asyncio.timeout(self._shutdown_grace):
+                await self.drain()
+        except TimeoutError:
+            log.warning(
+                "%d entries unfinished after %.0fs; leaving them for another worker",
+                len(self._in_flight),
+                self._shutdown_grace,
+            )
+            for task in list(self._lane_tasks):
+                task.cancel()
             await asyncio.gather(*self._lane_tasks, return_exceptions=True)
 
     def _enqueue(self, entry: InboxEntry) -> None:
         if entry.entry_id in self._in_flight:
             return  # reclaimed from ourselves while still being worked on
         self._in_flight.add(entry.entry_id)
+        item = (sequence_of(entry.message) or 0, next(self._arrivals), entry)
         lane_key = str(entry.message.key)
         lane = self._lanes.get(lane_key)
         if lane is not None:
-            lane.append(entry)
+            heapq.heappush(lane.entries, item)
+            lane.changed.set()  # it may come before the entry the lane is waiting with
             return
-        self._lanes[lane_key] = deque([entry])
+        self._lanes[lane_key] = _Lane(entries=[item])
         task = asyncio.create_task(self._run_lane(lane_key), name=f"lane:{lane_key}")
         self._lane_tasks.add(task)
         task.add_done_callback(self._lane_tasks.discard)
@@ -103,38 +192,130 @@ class Worker:
     async def _run_lane(self, lane_key: str) -> None:
         lane = self._lanes[lane_key]
         try:
-            while lane:
-                entry = lane[0]
+            while lane.entries and not self._stopping.is_set():
+                entry = lane.head()
+                if not await self._wait_turn(entry, lane):
+                    continue  # an earlier entry arrived, or the worker is stopping
                 async with self._slots:
+                    if self._stopping.is_set():
+                        break
                     await self.process(entry)
-                lane.popleft()
+                lane.remove(entry)
                 self._in_flight.discard(entry.entry_id)
         finally:
+            # Entries not started stay pending in the inbox; without touches another worker reclaims them.
+            for _seq, _n, left in lane.entries:
+                self._in_flight.discard(left.entry_id)
             del self._lanes[lane_key]
+
+    async def _wait_turn(self, entry: InboxEntry, lane: _Lane) -> bool:
+        """True once the conversation's previous message is done; False to re-pick or stop."""
+        seq = sequence_of(entry.message)
+        if seq is None or seq <= 1:
+            return True
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        delay = _POLL_START
+        while not self._stopping.is_set():
+            lane.changed.clear()
+            try:
+                if await self._store.get(done_key(entry.message.key, seq - 1)) is not None:
+                    return True
+            except Exception:
+                log.warning(
+                    "store unavailable while checking order", exc_info=True, extra=_extra(entry.message)
+                )
+                delay = _POLL_MAX
+            if loop.time() - started >= self._order_wait:
+                log.warning(
+                    "message %d waited %.0fs for the previous one; answering it now",
+                    seq,
+                    self._order_wait,
+                    extra=_extra(entry.message),
+                )
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lane.changed.wait(), timeout=delay)
+            if lane.head() is not entry:
+                return False
+            delay = min(delay * 1.5, _POLL_MAX)
+        return False
 
     async def process(self, entry: InboxEntry) -> None:
         """Answer one entry and acknowledge it; failures leave it for a retry or dead-letter it."""
         message = entry.message
-        extra = {"conversation": str(message.key), "message_id": message.message_id}
+        extra = _extra(message)
         try:
             if await self._store.get(sent_key(entry)) is None:
                 sender = self._senders.get(message.key.channel)
                 if sender is None:
+                    await self._mark_done(message)
                     await self._inbox.dead_letter(entry, f"no sender for channel {message.key.channel!r}")
                     log.error("no sender for channel; message dead-lettered", extra=extra)
                     return
-                await sender.deliver(message, self._engine.stream(message))
-                await self._store.set(sent_key(entry), "1", ttl=SENT_TTL)
-            await self._inbox.ack(entry.entry_id)
+                notice = message.extras.get(NOTICE_FIELD)
+                if isinstance(notice, str):
+                    await sender.send(self._fixed_reply(message, notice))
+                else:
+                    await sender.deliver(message, self._engine.stream(message))
+                await self._settle(entry)
+            else:
+                await self._mark_done(message)
+                await self._inbox.ack(entry.entry_id)
             self.processed += 1
         except Exception as exc:
             log.error("processing failed (delivery %d)", entry.deliveries, exc_info=True, extra=extra)
             if entry.deliveries >= self._max_deliveries:
                 await self._give_up(entry, f"{type(exc).__name__}: {exc}")
 
+    async def _settle(self, entry: InboxEntry) -> None:
+        """Record a delivered reply, let the next message go, acknowledge.
+
+        Retried through a short Redis outage rather than left to a reclaim: the reply is already out,
+        and a reclaimed entry without its sent record would be answered a second time.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._reclaim_idle
+        delay = _POLL_START
+        while True:
+            try:
+                await self._store.set(sent_key(entry), "1", ttl=SENT_TTL)
+                await self._mark_done(entry.message)
+                await self._inbox.ack(entry.entry_id)
+                return
+            except Exception:
+                if loop.time() >= deadline:
+                    raise
+                log.warning(
+                    "could not record a delivered reply; retrying", exc_info=True, extra=_extra(entry.message)
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _mark_done(self, message: InboundMessage) -> None:
+        """Let the conversation's next message go ahead."""
+        seq = sequence_of(message)
+        if seq is not None:
+            await self._store.set(done_key(message.key, seq), "1", ttl=DONE_TTL)
+
+    def _fixed_reply(self, message: InboundMessage, name: str) -> Reply:
+        return Reply(
+            key=message.key,
+            text=fixed_text(name, message.language),
+            language=message.language,
+            in_reply_to=message.message_id,
+            source=ReplySource.SYSTEM,
+            extras=dict(message.extras),
+        )
+
     async def _give_up(self, entry: InboxEntry, reason: str) -> None:
         message = entry.message
-        extra = {"conversation": str(message.key), "message_id": message.message_id}
+        extra = _extra(message)
+        try:
+            # Done first: a conversation must not wait behind a message that will never be answered.
+            await self._mark_done(message)
+        except Exception:
+            log.error("could not mark a failing message done", exc_info=True, extra=extra)
         try:
             await self._inbox.dead_letter(entry, reason)
         except Exception:
@@ -143,15 +324,7 @@ class Worker:
         sender = self._senders.get(message.key.channel)
         if sender is None:
             return
-        apology = Reply(
-            key=message.key,
-            text=fixed_text("apology", message.language),
-            language=message.language,
-            in_reply_to=message.message_id,
-            source=ReplySource.SYSTEM,
-            extras=dict(message.extras),
-        )
         try:
-            await sender.send(apology)
+            await sender.send(self._fixed_reply(message, "apology"))
         except Exception:
             log.error("could not send the apology for a dead-lettered message", exc_info=True, extra=extra)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import ahocorasick  # type: ignore[import-untyped]
+import ahocorasick  # type: ignore[import-not-found]  # the C extension ships no type stubs
 
 from core.guards.control_tokens import neutralize_control_tokens
 from core.guards.normalize import (
@@ -57,11 +57,14 @@ _BASE64 = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{16,}={0,2}")
 _HEX = re.compile(r"(?<![0-9a-f])(?:[0-9a-f]{2}[ :]?){8,}(?![0-9a-f])")
 _PERCENT = re.compile(r"(?:%[0-9a-f]{2}){4,}", re.IGNORECASE)
 # Frequent English words: a Latin message with none of them that gains some under rot13 is rot13.
-_STOPWORDS = frozenset(
-    "the a an and or to of in is are you your i me my it this that for on with be do not all what how "
-    "please tell say ignore previous instructions password system prompt into from now reveal secret rules "
-    "print repeat show give new".split()
-)
+# fmt: off
+_STOPWORDS = frozenset({
+    "the", "a", "an", "and", "or", "to", "of", "in", "is", "are", "you", "your", "me", "my", "it",
+    "this", "that", "for", "with", "not", "all", "what", "how", "please", "tell", "say", "ignore",
+    "previous", "instructions", "password", "system", "prompt", "into", "from", "now", "reveal",
+    "secret", "rules", "print", "repeat", "show", "give", "new",
+})
+# fmt: on
 _SENTENCE = re.compile(r"[^。！？!?；;\n.]+[。！？!?；;\n.]*|[。！？!?；;\n.]+")
 
 
@@ -129,6 +132,7 @@ class _Lexicon:
         """The first lexicon entry found in either view, or None."""
         if len(self._words):
             for end, phrases in self._words.iter(words):
+                phrase: _Phrase
                 for phrase in phrases:
                     start = end - phrase.length + 1
                     before = words[start - 1] if start > 0 else " "
@@ -137,7 +141,8 @@ class _Lexicon:
                         return phrase.entry
         if len(self._compact):
             for _end, phrases in self._compact.iter(compact):
-                return phrases[0].entry  # type: ignore[no-any-return]
+                first: _Phrase = phrases[0]
+                return first.entry
         return None
 
 
@@ -241,13 +246,17 @@ class InputGuard:
 
     # ------------------------------------------------------------------ matching
     def _match_views(self, raw: str, norm: NormalizedText) -> GuardMatch | None:
+        # Structural rules (template markers, tool JSON) run first so they name the category when a
+        # faked system turn also contains override wording.
+        for rule in (*self._patterns["raw"], *self._patterns["clean"]):
+            if rule.matches(raw if rule.view == "raw" else norm.clean):
+                return self._match(rule.rule, rule.category)
         entry = self._lexicon.first_match(norm.words, norm.compact)
         if entry is not None:
             return self._match(entry.rule, entry.category)
-        for view, text in (("words", norm.words), ("clean", norm.clean), ("raw", raw)):
-            for rule in self._patterns[view]:
-                if rule.matches(text):
-                    return self._match(rule.rule, rule.category)
+        for rule in self._patterns["words"]:
+            if rule.matches(norm.words):
+                return self._match(rule.rule, rule.category)
         return None
 
     def _match(self, rule: str, category: str) -> GuardMatch:
@@ -278,7 +287,9 @@ class InputGuard:
         """Decide what to do with ``text`` (see :class:`GuardDecision`)."""
         matches = tuple(self._scan(text))
         if not matches:
-            return GuardDecision(action="allow", category=None, rule=None, text=neutralize_control_tokens(text))
+            return GuardDecision(
+                action="allow", category=None, rule=None, text=neutralize_control_tokens(text)
+            )
         primary = max(matches, key=lambda m: _SEVERITY[m.action])
         if primary.action == "block":
             return self._block(text, primary, matches)

@@ -124,8 +124,6 @@ def clean_text(text: str, *, homoglyphs: dict[int, str] | None = None) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-
-
 def words_view(clean: str) -> str:
     """The ``words`` view of an already cleaned text."""
     text = _UNDERSCORE.sub(" ", _NON_WORD.sub(" ", clean))
@@ -142,7 +140,7 @@ def normalize(text: str, *, homoglyphs: dict[int, str] | None = None) -> Normali
 
 
 def normalize_for_matching(text: str) -> str:
-    """Canonical form used for lexicon matching: "Ｉ ｇ ｎ ｏ ｒ ｅ" → "ignore", "忽 略 之 前" → "忽略之前"."""
+    """Canonical form used for matching: "Ｉ ｇ ｎ ｏ ｒ ｅ" → "ignore", "忽 略 之 前" → "忽略之前"."""
     return normalize(text).words
 
 

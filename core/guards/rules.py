@@ -86,9 +86,10 @@ class Policy:
 
 
 def _action(value: object, source: Path) -> Action:
-    if value not in ACTIONS:
-        raise ConfigError(f"{source}: unknown action {value!r} (expected one of {', '.join(ACTIONS)})")
-    return cast(Action, value)
+    for action in ACTIONS:
+        if value == action:
+            return action
+    raise ConfigError(f"{source}: unknown action {value!r} (expected one of {', '.join(ACTIONS)})")
 
 
 def read_lexicon(path: Path) -> list[LexiconEntry]:
@@ -106,9 +107,7 @@ def read_lexicon(path: Path) -> list[LexiconEntry]:
     return entries
 
 
-def _compile(
-    source: str, fragments: Mapping[str, str], where: str, *, ignore_case: bool
-) -> re.Pattern[str]:
+def _compile(source: str, fragments: Mapping[str, str], where: str, *, ignore_case: bool) -> re.Pattern[str]:
     def expand(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in fragments:

@@ -10,6 +10,7 @@ group) serves deployments with several processes. One contract test suite runs a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -52,6 +53,9 @@ class Inbox(ABC):
     @abstractmethod
     async def reclaim(self, consumer: str, *, min_idle: float, count: int = 16) -> list[InboxEntry]:
         """Entries claimed (by anyone) and not acknowledged for ``min_idle`` seconds, now ``consumer``'s."""
+
+    async def touch(self, consumer: str, entry_ids: Sequence[str]) -> None:  # noqa: B027 - optional
+        """``consumer`` is still working on these entries: reset their idle time so none is reclaimed."""
 
     @abstractmethod
     async def dead_letter(self, entry: InboxEntry, reason: str) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from core.inbox.base import DeadLetter, Inbox, InboxEntry
 from core.messages import InboundMessage
@@ -55,6 +56,13 @@ class MemoryInbox(Inbox):
                 self._pending[entry_id] = (entry, consumer, now)
                 taken.append(entry)
         return taken
+
+    async def touch(self, consumer: str, entry_ids: Sequence[str]) -> None:
+        now = time.monotonic()
+        for entry_id in entry_ids:
+            held = self._pending.get(entry_id)
+            if held is not None and held[1] == consumer:
+                self._pending[entry_id] = (held[0], consumer, now)
 
     async def dead_letter(self, entry: InboxEntry, reason: str) -> None:
         self._dead.append(DeadLetter(entry_id=entry.entry_id, message=entry.message, reason=reason))

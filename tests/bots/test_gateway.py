@@ -21,9 +21,7 @@ def test_readyz_is_200_when_every_dependency_answers(client: TestClient) -> None
     assert body["checks"] == {"database": True, "store": True, "model": True}
 
 
-def test_readyz_is_503_naming_the_dependency_that_is_down(
-    client: TestClient, model: SwitchableModel
-) -> None:
+def test_readyz_is_503_naming_the_dependency_that_is_down(client: TestClient, model: SwitchableModel) -> None:
     model.reachable = False
     response = client.get("/readyz")
     assert response.status_code == 503
@@ -54,4 +52,3 @@ def test_the_chat_page_is_served_with_its_websocket_script(client: TestClient) -
 
 def test_unknown_paths_are_404(client: TestClient) -> None:
     assert client.get("/nope").status_code == 404
-

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import websockets
+from websockets.sync.client import connect
 
 from tests.bots.conftest import free_port
 
@@ -53,7 +53,7 @@ def test_piped_chat_answers_each_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-async def test_serve_answers_over_a_websocket_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+def test_serve_answers_over_a_websocket_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     server = subprocess.Popen(
         [KEFU, "serve", "--port", str(port)],
@@ -65,25 +65,21 @@ async def test_serve_answers_over_a_websocket_and_stops_cleanly_on_sigterm(tmp_p
     )
     try:
         deadline = time.monotonic() + 120
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
             while True:
                 assert server.poll() is None, server.communicate()[1]
                 try:
-                    if (await http.get("/healthz")).status_code == 200:
+                    if http.get("/healthz").status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
                 assert time.monotonic() < deadline, "kefu serve did not come up"
-                await _sleep(0.2)
-            assert (await http.get("/readyz")).json()["checks"] == {
-                "database": True,
-                "store": True,
-                "model": True,
-            }
-        async with websockets.connect(f"ws://127.0.0.1:{port}/ws?session=e2e-session-01") as ws:
-            await ws.send(json.dumps({"type": "message", "id": "e2e-1", "text": "hello"}))
+                time.sleep(0.2)
+            assert http.get("/readyz").json()["checks"] == {"database": True, "store": True, "model": True}
+        with connect(f"ws://127.0.0.1:{port}/ws?session=e2e-session-01", open_timeout=30) as ws:
+            ws.send(json.dumps({"type": "message", "id": "e2e-1", "text": "hello"}))
             while True:
-                frame = json.loads(await _recv(ws, timeout=240))
+                frame = json.loads(ws.recv(timeout=240))
                 if frame["type"] == "reply":
                     break
                 assert frame["type"] == "delta", frame
@@ -100,15 +96,3 @@ async def test_serve_answers_over_a_websocket_and_stops_cleanly_on_sigterm(tmp_p
     assert "Traceback" not in stderr
     messages = [json.loads(line)["message"] for line in stderr.splitlines() if line.startswith("{")]
     assert "gateway stopped" in messages
-
-
-async def _sleep(seconds: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(seconds)
-
-
-async def _recv(ws: websockets.ClientConnection, *, timeout: float) -> str | bytes:
-    import asyncio
-
-    return await asyncio.wait_for(ws.recv(), timeout=timeout)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+from sqlmodel import select
+
 from bots.terminal import default_session, one_line, run_chat, valid_session
 from core.db.database import Database
 from core.db.models import Conversation
@@ -11,7 +13,6 @@ from core.llm.base import ChatRequest
 from core.llm.testing import FunctionModel
 from core.settings import Settings
 from tests.bots.conftest import last_user_text
-from sqlmodel import select
 
 
 def two_line_answer(request: ChatRequest) -> str:
@@ -42,9 +43,13 @@ async def test_the_session_names_the_conversation_and_history_carries_over(
     settings: Settings, db_url: str
 ) -> None:
     model = FunctionModel(two_line_answer)
-    await run_chat(settings, session="li", model=model, stdin=io.StringIO("my name is Li\n"), stdout=io.StringIO())
+    await run_chat(
+        settings, session="li", model=model, stdin=io.StringIO("my name is Li\n"), stdout=io.StringIO()
+    )
     await run_chat(settings, session="li", model=model, stdin=io.StringIO("who am I\n"), stdout=io.StringIO())
-    await run_chat(settings, session="wang", model=model, stdin=io.StringIO("who am I\n"), stdout=io.StringIO())
+    await run_chat(
+        settings, session="wang", model=model, stdin=io.StringIO("who am I\n"), stdout=io.StringIO()
+    )
     assert "my name is Li" in [m.content for m in model.requests[1].messages]
     assert "my name is Li" not in [m.content for m in model.requests[2].messages]
     async with Database(url=db_url) as db, db.session() as session:

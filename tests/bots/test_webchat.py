@@ -177,7 +177,9 @@ async def test_over_a_real_socket_an_answer_is_finished_and_stored_when_the_brow
         for _ in range(200):
             conversation = await server.runtime.conversations.get(key)
             assert conversation is not None and conversation.id is not None
-            stored = [(m.role, m.content) for m in await server.runtime.conversations.messages(conversation.id)]
+            stored = [
+                (m.role, m.content) for m in await server.runtime.conversations.messages(conversation.id)
+            ]
             if len(stored) == 2:
                 break
             await asyncio.sleep(0.05)

@@ -278,3 +278,27 @@ async def test_reprocessing_an_answered_message_returns_the_same_answer(
     assert first.text == again.text == "first answer"
     assert len(model.requests) == 1
     assert await transcript(database) == [("user", "where is my order?"), ("assistant", "first answer")]
+
+
+async def test_a_repeated_tool_call_is_answered_from_the_results(
+    database: Database, store: MemoryStore
+) -> None:
+    def answer(request: ChatRequest) -> ChatResponse | str:
+        if request.tools:
+            return call("query_order_status", order_id="KF1")
+        return "Your order was not found."
+
+    model = FunctionModel(answer)
+    engine = make_engine(database, store, model, tools=default_registry())
+    reply = await engine.handle(inbound("where is KF1", language="en"))
+    assert reply.text == "Your order was not found."
+    roles = [role for role, _ in await transcript(database)]
+    assert roles == ["user", "assistant", "tool", "assistant"]  # the tool ran once
+
+
+async def test_a_tool_call_written_as_text_is_not_shown_to_the_customer(
+    database: Database, store: MemoryStore
+) -> None:
+    model = FunctionModel(lambda r: '{"tool": "query_order_status", "arguments": {"order_id": "KF1"}}')
+    reply = await make_engine(database, store, model).handle(inbound("where is KF1", language="en"))
+    assert reply.text == fixed_text("apology", "en")

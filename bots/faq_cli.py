@@ -1,0 +1,133 @@
+"""``kefu faq``: import and export the FAQ.
+
+    kefu faq import FILE                        add or update entries from a .csv, .yaml or .json file
+    kefu faq export [FILE] [--format csv|yaml|json]   write every entry (to stdout without FILE)
+
+An import is all or nothing: a bad row rejects the file, listing each problem with its line number.
+With a shared store (``KEFU_REDIS_URL``) the FAQ cache is rebuilt at once; running servers also notice
+the change themselves and reload their FAQ index within their refresh interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from core.errors import ConfigError, KefuError
+from core.faq.repository import FORMATS, FaqRepository, Format, ImportReport, detect_format
+from core.settings import Settings, load_settings
+
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+faq_app = typer.Typer(help="FAQ commands: import and export entries.", no_args_is_help=True)
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    # Mounted under ``kefu``, the root callback has read the settings already; alone, read them here.
+    root = ctx.find_root().obj
+    if isinstance(root, Settings):
+        return root
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        typer.echo(f"kefu: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+@faq_app.command("import")
+def import_command(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="FAQ file.")],
+) -> None:
+    """Add or update FAQ entries from a CSV (header: question,answer[,language,alternatives,tags]),
+    YAML or JSON file. Entries are matched on question and language, so re-importing is safe."""
+    settings = _settings(ctx)
+    try:
+        report = asyncio.run(_import(settings, file))
+    except KefuError as exc:
+        typer.echo(f"kefu: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    typer.echo(
+        f"{report.total} entries in {file}: {report.created} added, {report.updated} updated, "
+        f"{report.unchanged} unchanged"
+    )
+    if report.ignored_columns:
+        typer.echo(f"ignored unknown field(s): {', '.join(report.ignored_columns)}")
+
+
+async def _import(settings: Settings, file: Path) -> ImportReport:
+    from core.db.database import Database
+    from core.db.migrate import upgrade_async
+
+    if settings.auto_migrate:
+        await upgrade_async(settings.database_url)
+    async with Database(url=settings.database_url) as db:
+        repository = FaqRepository(db=db)
+        with Progress(
+            TextColumn("importing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            transient=True,
+            disable=not sys.stderr.isatty(),
+            console=None,
+        ) as progress:
+            task = progress.add_task("import", total=None)
+
+            def advance(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            report = await repository.import_file(file, progress=advance)
+        if report.changed and settings.redis_url:
+            await _refresh_shared_cache(settings, repository)
+    return report
+
+
+async def _refresh_shared_cache(settings: Settings, repository: FaqRepository) -> None:
+    from core.faq.cache import FaqCache
+    from core.stores.factory import build_store
+
+    async with build_store(redis_url=settings.redis_url) as store:
+        entries = await repository.list(enabled_only=True)
+        await FaqCache(store=store).rebuild(entries, fingerprint=await repository.fingerprint())
+
+
+@faq_app.command("export")
+def export_command(
+    ctx: typer.Context,
+    file: Annotated[
+        Path | None, typer.Argument(dir_okay=False, help="Output file (default: stdout).")
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", "-f", help="csv, yaml or json (default: from the file name, else csv)."),
+    ] = None,
+) -> None:
+    """Write every FAQ entry to FILE (or stdout) in a format `kefu faq import` reads back."""
+    settings = _settings(ctx)
+    if fmt is not None and fmt not in FORMATS:
+        typer.echo(f"kefu: --format must be one of {', '.join(FORMATS)}", err=True)
+        raise typer.Exit(EXIT_CONFIG)
+    try:
+        chosen: Format = fmt if fmt is not None else (detect_format(file) if file else "csv")
+        count = asyncio.run(_export(settings, file, chosen))
+    except KefuError as exc:
+        typer.echo(f"kefu: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    if file is not None:
+        typer.echo(f"{count} entries written to {file}")
+
+
+async def _export(settings: Settings, file: Path | None, fmt: Format) -> int:
+    from core.db.database import Database
+    from core.db.migrate import upgrade_async
+
+    if settings.auto_migrate:
+        await upgrade_async(settings.database_url)
+    async with Database(url=settings.database_url) as db:
+        return await FaqRepository(db=db).export(file if file is not None else sys.stdout, fmt)

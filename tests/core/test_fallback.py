@@ -1,0 +1,99 @@
+"""FAQ fallback while the model is down: FAQ answers with a limited-mode note, else apology + follow-up."""
+
+from __future__ import annotations
+
+import pytest
+from sqlmodel import select
+
+from core.conversations import ConversationStore
+from core.db.database import Database
+from core.db.models import FaqEntry, Ticket
+from core.faq.fallback import FaqFallback, keep_for_followup
+from core.faq.service import RetrieverHolder
+from core.messages import ConversationKey
+from core.texts import text as fixed_text
+
+ENTRIES = [
+    FaqEntry(
+        id=1,
+        question="退款多久到账？",
+        answer="原路退回，1-3 个工作日到账。",
+        alternatives=["退款什么时候到"],
+    ),
+    FaqEntry(id=2, question="支持货到付款吗？", answer="暂不支持货到付款。"),
+    FaqEntry(
+        id=3,
+        question="When will I get my refund?",
+        answer="Refunds take 1-3 business days.",
+        alternatives=["How long do refunds take?"],
+        language="en",
+    ),
+]
+
+
+@pytest.fixture
+async def holder() -> RetrieverHolder:
+    holder = RetrieverHolder(embedder=None)
+    await holder.rebuild(ENTRIES)
+    return holder
+
+
+@pytest.mark.parametrize(
+    ("asked", "language", "answer"),
+    [
+        ("我的退款什么时候能到账啊", "zh", "原路退回，1-3 个工作日到账。"),
+        ("how long does a refund take?", "en", "Refunds take 1-3 business days."),
+    ],
+)
+async def test_confident_match_answers_with_the_limited_mode_note(
+    holder: RetrieverHolder, asked: str, language: str, answer: str
+) -> None:
+    fallback = FaqFallback(retriever_holder=holder)
+    result = await fallback.answer(asked, language)  # type: ignore[arg-type]
+    assert result.kind == "faq" and not result.needs_followup
+    assert result.text.startswith(answer)
+    assert result.text.endswith(fixed_text("limited_mode_note", language))  # type: ignore[arg-type]
+    assert result.confidence is not None and result.confidence >= holder.threshold
+
+
+async def test_below_threshold_apologises_and_the_message_is_kept_once(
+    holder: RetrieverHolder, database: Database
+) -> None:
+    fallback = FaqFallback(retriever_holder=holder)
+    asked = "你们的耳机降噪效果怎么样"
+    result = await fallback.answer(asked, "zh")
+    assert result.kind == "unknown" and result.needs_followup
+    assert result.text == fixed_text("limited_mode_unknown", "zh")
+    assert "退款" not in result.text
+
+    key = ConversationKey(channel="web", chat_id="s1")
+    conversation = await ConversationStore(db=database).get_or_create(key, user_id="u1", language="zh")
+    first = await keep_for_followup(
+        database, key=key, conversation_id=conversation.id, message_id="m7", text=asked, user_id="u1"
+    )
+    again = await keep_for_followup(
+        database, key=key, conversation_id=conversation.id, message_id="m7", text=asked, user_id="u1"
+    )
+    assert first.created and not again.created and first.id == again.id
+    async with database.session() as session:
+        tickets = (await session.exec(select(Ticket))).all()
+    assert [(t.category, t.status, t.summary, t.conversation_id) for t in tickets] == [
+        ("followup", "open", asked, conversation.id)
+    ]
+
+
+async def test_a_strict_threshold_turns_a_weak_match_into_an_apology(holder: RetrieverHolder) -> None:
+    loose = await FaqFallback(retriever_holder=holder, threshold=0.0).answer("到账", "zh")
+    strict = await FaqFallback(retriever_holder=holder, threshold=0.999).answer("到账", "zh")
+    assert loose.kind == "faq" and strict.kind == "unknown"
+
+
+async def test_answers_only_in_the_customers_language(holder: RetrieverHolder) -> None:
+    result = await FaqFallback(retriever_holder=holder).answer("支持货到付款吗", "en")
+    assert result.kind == "unknown"
+    assert result.text == fixed_text("limited_mode_unknown", "en")
+
+
+async def test_before_the_index_is_built_the_customer_still_gets_the_apology() -> None:
+    result = await FaqFallback(retriever_holder=RetrieverHolder(embedder=None)).answer("退款多久到账", "zh")
+    assert result.kind == "unknown"
