@@ -452,6 +452,10 @@ class TelegramSender(ReplySender):
         self._stream_after = stream_after
         self._stream_interval = stream_interval
 
+    async def aclose(self) -> None:
+        """Close the bot's HTTP session."""
+        await self._bot.session.close()
+
     @property
     def bot(self) -> Bot:
         return self._bot

@@ -47,6 +47,11 @@ class FrameError(ValueError):
         self.language = language
 
 
+def bad_session() -> FrameError:
+    """The refusal of a session id that :func:`valid_session_id` rejects."""
+    return FrameError("bad_session", "session id must be 8-64 characters of [A-Za-z0-9_-]")
+
+
 def valid_session_id(value: str | None) -> bool:
     """Whether ``value`` is a usable browser session id ([A-Za-z0-9_-], 8 to 64 characters)."""
     return value is not None and _SESSION_ID.fullmatch(value) is not None
@@ -85,7 +90,7 @@ def decode_frame(raw: str | bytes, *, input_limit: int = 4000) -> Frame:
 def to_inbound(session_id: str, frame: Frame) -> InboundMessage:
     """The customer message in ``frame`` from the browser session ``session_id``."""
     if not valid_session_id(session_id):
-        raise FrameError("bad_session", "session id must be 8-64 characters of [A-Za-z0-9_-]")
+        raise bad_session()
     kind = frame.get("type", "message")
     if kind != "message":
         raise FrameError("bad_type", f"unknown frame type {kind!r}")

@@ -33,13 +33,14 @@ from dataclasses import dataclass
 from typing import Any
 from xml.parsers.expat import ExpatError
 
+import certifi
 import httpx
 import xmltodict
 from wechatpy.crypto import WeChatCrypto
 from wechatpy.exceptions import InvalidAppIdException, InvalidSignatureException
 
 from core.delivery import ReplySender
-from core.errors import DeliveryError, LockError
+from core.errors import DeliveryError
 from core.language import detect_language
 from core.messages import ConversationKey, InboundMessage, Language, Reply, ReplyDone, ReplyEvent
 from core.stores.base import StateStore
@@ -461,9 +462,10 @@ class WeChatApi:
     """The WeChat HTTP API with one access_token shared by every process through the store.
 
     The token is kept under ``wechat:access_token:{appid}`` with an expiry 5 minutes before WeChat's, so
-    it is renewed early; renewal happens under a store lock and re-reads the store first, so concurrent
-    callers (in any process) fetch once. A call refused with an invalid/expired token renews it (unless
-    another caller already did) and is retried once. Each call uses a short-lived httpx client (with a
+    it is renewed early (the old one stays valid 5 minutes after a renewal, for calls in flight); renewal
+    happens under a store lock and re-reads the store first, so concurrent callers (in any process) fetch
+    once. A call refused with an invalid/expired token renews it (unless another caller already did) and
+    is retried once. Each call uses a short-lived httpx client (with a
     shared TLS context), so nothing is left open when the gateway stops.
     """
 
@@ -487,28 +489,38 @@ class WeChatApi:
         self.token_key = f"wechat:access_token:{appid}"
 
     def _client(self) -> httpx.AsyncClient:
-        if self._tls is None and self._base.startswith("https:"):
-            self._tls = ssl.create_default_context()
+        if self._tls is None:
+            # Loading the CA bundle is the expensive part of a client: do it once.
+            self._tls = ssl.create_default_context(cafile=certifi.where())
         return httpx.AsyncClient(
-            base_url=self._base, timeout=self._timeout, verify=self._tls or True, trust_env=False
+            base_url=self._base, timeout=self._timeout, verify=self._tls, trust_env=False
         )
 
     async def access_token(self, *, stale: str | None = None) -> str:
         """The shared token; ``stale`` is one WeChat just refused, to be replaced if still stored."""
-        token = await self._store.get(self.token_key)
-        if token and token != stale:
-            return token
-        try:
-            async with self._store.lock(f"wechat:token-refresh:{self._appid}", ttl=30.0, wait=30.0):
-                token = await self._store.get(self.token_key)
-                if token and token != stale:
-                    return token  # someone renewed it while we waited for the lock
-                token, expires_in = await self._fetch_token()
-                ttl = max(expires_in - self._refresh_early, min(expires_in, 60.0))
-                await self._store.set(self.token_key, token, ttl=ttl)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 30.0
+        while True:
+            token = await self._store.get(self.token_key)
+            if token and token != stale:
                 return token
-        except LockError as exc:
-            raise WeChatApiError("could not take the access_token refresh lock") from exc
+            # Try the lock without queueing: callers that lose simply watch the store for the new token,
+            # so a crowd of them is served as soon as the winner stores it.
+            lock = self._store.lock(f"wechat:token-refresh:{self._appid}", ttl=30.0, wait=0)
+            if await lock.acquire():
+                try:
+                    token = await self._store.get(self.token_key)
+                    if token and token != stale:
+                        return token  # renewed between our read and the lock
+                    token, expires_in = await self._fetch_token()
+                    ttl = max(expires_in - self._refresh_early, min(expires_in, 60.0))
+                    await self._store.set(self.token_key, token, ttl=ttl)
+                    return token
+                finally:
+                    await lock.release()
+            if loop.time() >= give_up:
+                raise WeChatApiError("no access_token: the process renewing it did not finish in 30 s")
+            await asyncio.sleep(0.02)
 
     async def _fetch_token(self) -> tuple[str, float]:
         params = {"grant_type": "client_credential", "appid": self._appid, "secret": self._secret}

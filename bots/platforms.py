@@ -83,11 +83,13 @@ async def running(
     try:
         yield senders
     finally:
+        # Finish in-flight answers first, while the platforms' clients are still open.
         if the_worker is not None:
             await the_worker.stop()
-        for task in tasks:
-            if task.get_name() != "worker":
-                task.cancel()
+            await tasks[0]
+        for task in tasks[1 if the_worker else 0 :]:
+            task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await senders.aclose()

@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import re
+import weakref
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -82,13 +83,15 @@ class _Telegram:
         return self.identity
 
 
-_instances: dict[int, _Telegram] = {}
+# One bot client per running runtime. Keyed by id() with a weak reference to check identity, because a
+# runtime is unhashable and a dead runtime's id may be reused by a new one.
+_instances: dict[int, tuple[weakref.ref[Runtime], _Telegram]] = {}
 
 
 def _telegram(settings: Settings, runtime: Runtime) -> _Telegram:
     found = _instances.get(id(runtime))
-    if found is not None:
-        return found
+    if found is not None and found[0]() is runtime:
+        return found[1]
     assert settings.telegram_token is not None  # enabled() checked it
     try:
         bot = adapter.make_bot(
@@ -97,7 +100,7 @@ def _telegram(settings: Settings, runtime: Runtime) -> _Telegram:
     except TokenValidationError as exc:
         raise ConfigError("KEFU_TELEGRAM_TOKEN is not a bot token (expected 123456789:AA...)") from exc
     instance = _Telegram(bot=bot, sender=adapter.TelegramSender(bot=bot))
-    _instances[id(runtime)] = instance
+    _instances[id(runtime)] = (weakref.ref(runtime), instance)
     return instance
 
 
@@ -112,9 +115,12 @@ def build_sender(settings: Settings, runtime: Runtime) -> adapter.TelegramSender
 
 
 def background(settings: Settings, runtime: Runtime) -> list[Coroutine[Any, Any, None]]:
-    """The poller (polling mode) or the one-shot webhook registration, plus closing the HTTP session."""
+    """The poller (polling mode) or the one-shot webhook registration.
+
+    The HTTP session is closed by the sender's ``aclose`` once the worker has finished.
+    """
     telegram = _telegram(settings, runtime)
-    tasks: list[Coroutine[Any, Any, None]] = [_close_at_shutdown(runtime)]
+    tasks: list[Coroutine[Any, Any, None]] = []
     if settings.telegram_mode == "polling":
         tasks.append(Poller(bot=telegram.bot, intake=runtime.intake, store=runtime.store).run())
         return tasks
@@ -134,15 +140,6 @@ def background(settings: Settings, runtime: Runtime) -> list[Coroutine[Any, Any,
             WEBHOOK_PATH,
         )
     return tasks
-
-
-async def _close_at_shutdown(runtime: Runtime) -> None:
-    try:
-        await asyncio.Event().wait()
-    finally:
-        telegram = _instances.pop(id(runtime), None)
-        if telegram is not None:
-            await telegram.bot.session.close()
 
 
 # --- webhook -------------------------------------------------------------------------------------

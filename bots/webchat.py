@@ -73,11 +73,7 @@ async def chat_socket(websocket: WebSocket) -> None:
         session = frames.new_session_id()
         await peer.send(frames.session_frame(session))
     elif not frames.valid_session_id(session):
-        await peer.send(
-            frames.error_frame(
-                frames.FrameError("bad_session", "session id must be 8-64 characters of [A-Za-z0-9_-]")
-            )
-        )
+        await peer.send(frames.error_frame(frames.bad_session()))
         await websocket.close(code=1008)
         return
     context = {"conversation": f"{frames.CHANNEL}:{session}"}

@@ -7,10 +7,13 @@ override it to show text as it is written.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable
 
 from core.messages import InboundMessage, Reply, ReplyDone, ReplyEvent
+
+log = logging.getLogger(__name__)
 
 
 class ReplySender(ABC):
@@ -36,6 +39,9 @@ class ReplySender(ABC):
         await self.send(final)
         return final
 
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to close by default
+        """Close the platform client (called after the worker has finished)."""
+
 
 class SenderRegistry:
     """The senders of the enabled platforms, by channel."""
@@ -53,3 +59,10 @@ class SenderRegistry:
 
     def channels(self) -> list[str]:
         return sorted(self._senders)
+
+    async def aclose(self) -> None:
+        for sender in self._senders.values():
+            try:
+                await sender.aclose()
+            except Exception:
+                log.warning("closing the %s sender failed", sender.channel, exc_info=True)

@@ -18,10 +18,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from core.audit import AuditLog
+from core.breaker import CircuitBreaker, counts_as_outage
 from core.context import ContextBuilder, split_turns
 from core.conversations import ConversationStore
 from core.db.models import Conversation, Message
-from core.errors import LLMError
+from core.errors import KefuError, LLMError, ModelOutputError
+from core.faq.cache import FaqCache
+from core.faq.fallback import FaqFallback, keep_for_followup
+from core.guards import InputGuard, neutralize_control_tokens
+from core.handoff import PAUSED_STATES
 from core.llm.base import ChatMessage, ChatModel, ChatRequest, ChatResponse, ToolCall
 from core.memory import add_note, extract_facts
 from core.messages import InboundMessage, Reply, ReplyDelta, ReplyDone, ReplyEvent, ReplySource
@@ -72,6 +78,11 @@ class Engine:
         system_prompt: str,
         context: ContextBuilder,
         summarizer: Summarizer | None = None,
+        guard: InputGuard | None = None,
+        faq_cache: FaqCache | None = None,
+        fallback: FaqFallback | None = None,
+        breaker: CircuitBreaker | None = None,
+        audit: AuditLog | None = None,
         limits: EngineLimits = DEFAULT_LIMITS,
     ) -> None:
         self._conversations = conversations
@@ -81,6 +92,11 @@ class Engine:
         self._system_prompt = system_prompt
         self._context = context
         self._summarizer = summarizer
+        self._guard = guard
+        self._faq_cache = faq_cache
+        self._fallback = fallback
+        self._breaker = breaker
+        self._audit = audit
         self._limits = limits
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -119,9 +135,11 @@ class Engine:
             yield ReplyDone(reply=self._fixed(message, "apology"))
 
     async def wait_idle(self) -> None:
-        """Wait for background work (summaries) to finish: at shutdown and in tests."""
+        """Wait for background work (summaries, FAQ hit counts) to finish: at shutdown and in tests."""
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self._faq_cache is not None:
+            await self._faq_cache.wait_idle()
 
     async def _answer(self, message: InboundMessage, text: str) -> AsyncIterator[ReplyEvent]:
         conversations = self._conversations
@@ -154,28 +172,23 @@ class Engine:
                 )
             ],
         )
-        turn = _Turn(rows=[], pinned=extract_facts(text, conversation.pinned))
-        built = self._context.build(
-            system_prompt=self._system_prompt,
-            tools=self._tools.specs(),
-            pinned=turn.pinned,
-            summary=conversation.summary,
-            history=history,
-            user_text=text,
+        await self._record(
+            "inbound",
+            conversation.id,
+            f"customer:{message.key.channel}:{message.user_id}",
+            {"text": text, "message_id": message.message_id, "language": message.language},
         )
+        if conversation.state in PAUSED_STATES:
+            # A person has (or is about to take) the conversation: the bot stays quiet.
+            log.info("conversation is with a person; no bot answer", extra=_log_extra(message))
+            yield ReplyDone(reply=self._reply(message, "", ReplySource.SYSTEM))
+            return
+        turn = _Turn(rows=[], pinned=extract_facts(text, conversation.pinned))
         started = time.perf_counter()
-        try:
-            async for delta in self._run_model(message, conversation, built.messages, built.tokens, turn):
-                yield ReplyDelta(text=delta)
-        except LLMError as exc:
-            log.warning("model failed: %s", exc, extra=_log_extra(message))
-            turn.answer, turn.source = fixed_text("apology", message.language), ReplySource.SYSTEM
-            turn.meta = {"error": type(exc).__name__}
+        async for delta in self._respond(message, conversation, history, text, turn):
+            yield ReplyDelta(text=delta)
         meta = turn.meta or {}
         meta["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
-        meta["context_tokens"] = built.tokens
-        if built.input_cut:
-            turn.answer = f"{fixed_text('input_cut', message.language)}\n{turn.answer}"
         turn.rows.append(
             Message(
                 conversation_id=conversation.id,
@@ -188,11 +201,130 @@ class Engine:
         await conversations.append(conversation.id, turn.rows)
         if turn.pinned != conversation.pinned:
             await conversations.update(conversation.id, pinned=turn.pinned)
+        await self._record(
+            "answer", conversation.id, "bot", {"text": turn.answer, "source": turn.source.value, "meta": meta}
+        )
         yield ReplyDone(reply=self._reply(message, turn.answer, turn.source))
         if len(split_turns(history)) + 1 >= (
             self._context.budget.history_turns + self._context.budget.block_turns
         ):
             self._fold_later(conversation.id)
+
+    async def _respond(
+        self,
+        message: InboundMessage,
+        conversation: Conversation,
+        history: list[Message],
+        text: str,
+        turn: _Turn,
+    ) -> AsyncIterator[str]:
+        """Fill ``turn`` with the answer: guard, FAQ cache, model (behind the breaker), FAQ fallback."""
+        assert conversation.id is not None
+        language = message.language
+        if self._guard is not None:
+            decision = self._guard.check(text)
+            if decision.action != "allow":
+                log.info(
+                    "input guard: %s (%s, rule %s)",
+                    decision.action,
+                    decision.category,
+                    decision.rule,
+                    extra=_log_extra(message),
+                )
+                await self._record(
+                    "guard",
+                    conversation.id,
+                    "guard:input",
+                    {"action": decision.action, "category": decision.category, "rule": decision.rule},
+                )
+            if decision.action == "block":
+                turn.answer = decision.reply or fixed_text("apology", language)
+                turn.source = ReplySource.SYSTEM
+                turn.meta = {"guard": decision.category, "rule": decision.rule}
+                return
+            text = decision.text
+        # Chat-template control tokens typed by a customer never reach the prompt, whatever the guard said.
+        text = neutralize_control_tokens(text)
+
+        if self._faq_cache is not None:
+            hit = await self._faq_cache.lookup(text, language)
+            if hit is not None:
+                turn.answer, turn.source = hit.answer, ReplySource.FAQ_CACHE
+                turn.meta = {"faq_entry": hit.entry_id}
+                return
+
+        if self._breaker is None or self._breaker.allow():
+            built = self._context.build(
+                system_prompt=self._system_prompt,
+                tools=self._tools.specs(),
+                pinned=turn.pinned,
+                summary=conversation.summary,
+                history=history,
+                user_text=text,
+            )
+            try:
+                async for delta in self._run_model(message, conversation, built.messages, built.tokens, turn):
+                    yield delta
+            except LLMError as exc:
+                log.warning("model failed: %s", exc, extra=_log_extra(message))
+                if self._breaker is not None:
+                    if counts_as_outage(exc):
+                        self._breaker.record_failure()
+                    else:
+                        self._breaker.record_success()
+                turn.meta = {"error": type(exc).__name__}
+            else:
+                if self._breaker is not None:
+                    self._breaker.record_success()
+                turn.meta = {**(turn.meta or {}), "context_tokens": built.tokens}
+                if built.input_cut:
+                    turn.answer = f"{fixed_text('input_cut', language)}\n{turn.answer}"
+                return
+        else:
+            turn.meta = {"error": "model_circuit_open"}
+        await self._fall_back(message, conversation, text, turn)
+
+    async def _fall_back(
+        self, message: InboundMessage, conversation: Conversation, text: str, turn: _Turn
+    ) -> None:
+        """The model gave nothing usable: answer from the FAQ, or apologise and keep the message."""
+        meta = turn.meta or {}
+        if self._fallback is None:
+            turn.answer, turn.source, turn.meta = (
+                fixed_text("apology", message.language),
+                ReplySource.SYSTEM,
+                meta,
+            )
+            return
+        answer = await self._fallback.answer(text, message.language)
+        turn.answer, turn.source = answer.text, ReplySource.FAQ_FALLBACK
+        meta.update({"fallback": answer.kind, "faq_entry": answer.entry_id, "confidence": answer.confidence})
+        turn.meta = meta
+        if answer.needs_followup:
+            try:
+                await keep_for_followup(
+                    self._conversations.db,
+                    key=message.key,
+                    conversation_id=conversation.id,
+                    message_id=message.message_id,
+                    text=text,
+                    user_id=message.user_id,
+                )
+            except KefuError:
+                log.error(
+                    "could not keep the message for follow-up", exc_info=True, extra=_log_extra(message)
+                )
+
+    async def _record(self, kind: str, conversation_id: int | None, actor: str, data: dict[str, Any]) -> None:
+        """Append to the audit log; a failing audit write is logged, never costs the customer an answer."""
+        if self._audit is None:
+            return
+        try:
+            await self._audit.record(kind, conversation_id=conversation_id, actor=actor, data=data)
+        except KefuError:
+            log.error(
+                "audit record %s not written", kind, exc_info=True, extra={"conversation_id": conversation_id}
+            )
 
     async def _run_model(
         self,
@@ -249,6 +381,12 @@ class Engine:
             )
             for call in response.tool_calls:
                 result = await self._tools.call(call, ctx)
+                await self._record(
+                    "tool_call",
+                    conversation.id,
+                    f"tool:{call.name}",
+                    {"id": call.id, "arguments": call.arguments, "ok": result.ok, "result": result.content},
+                )
                 for label, value in result.facts.items():
                     turn.pinned = add_note(turn.pinned, label, value)
                 content = self._context.fit_tool_result(result.content, prompt=prompt, tools=request.tools)
@@ -273,8 +411,7 @@ class Engine:
         }
         if response.tool_calls or looks_like_garbage(turn.answer) or looks_like_tool_call(turn.answer):
             log.warning("model gave no usable answer", extra=_log_extra(message))
-            turn.answer, turn.source = fixed_text("apology", message.language), ReplySource.SYSTEM
-            turn.meta["error"] = "unusable_answer"
+            raise ModelOutputError("no usable answer")
 
     def _check_context(self, message: InboundMessage, response: ChatResponse, estimated: int | None) -> None:
         if response.truncated:

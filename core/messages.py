@@ -85,7 +85,10 @@ class Button(Frozen):
 
 
 class Reply(Frozen):
-    """The core's answer to one inbound message (or an unsolicited message, e.g. from an agent)."""
+    """The core's answer to one inbound message (or an unsolicited message, e.g. from an agent).
+
+    An empty ``text`` means there is no bot answer to deliver (a person has the conversation).
+    """
 
     key: ConversationKey
     text: str

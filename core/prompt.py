@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from core.db.models import Message
+from core.guards.control_tokens import neutralize_control_tokens
 from core.llm.base import ChatMessage, ToolCall
 
 
@@ -39,7 +40,7 @@ def history_to_chat(rows: Sequence[Message]) -> list[ChatMessage]:
     out: list[ChatMessage] = []
     for row in rows:
         if row.role == "user":
-            out.append(ChatMessage.user(row.content))
+            out.append(ChatMessage.user(neutralize_control_tokens(row.content)))
         elif row.role in ("assistant", "agent"):
             calls = tuple(ToolCall.model_validate(c) for c in row.tool_calls or ())
             out.append(ChatMessage.assistant(row.content, calls))

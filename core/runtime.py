@@ -10,16 +10,26 @@ A failure while opening closes what was already opened.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
+from core.audit import AuditLog
+from core.breaker import CircuitBreaker
 from core.context import ContextBudget, ContextBuilder
 from core.conversations import ConversationStore
+from core.crypto import keyring_from_settings
 from core.db.database import Database
 from core.db.migrate import upgrade_async
 from core.engine import Engine, EngineLimits
+from core.faq.cache import FaqCache
+from core.faq.fallback import FaqFallback
+from core.faq.retriever import DEFAULT_EMBEDDER
+from core.faq.service import RetrieverHolder, watch_faq
+from core.guards import InputGuard
 from core.inbox.base import Inbox
 from core.inbox.factory import build_inbox
 from core.intake import Intake, RateLimits
@@ -48,6 +58,9 @@ class Runtime:
     engine: Engine
     inbox: Inbox
     intake: Intake
+    audit: AuditLog
+    faq_index: RetrieverHolder
+    faq_cache: FaqCache
 
     @classmethod
     @asynccontextmanager
@@ -63,8 +76,20 @@ class Runtime:
                 await stack.enter_async_context(model or build_model(settings)),
                 limit=settings.max_concurrent_model_calls,
             )
-            tools = default_registry()
-            conversations = ConversationStore(db=db)
+            keyring = await asyncio.to_thread(keyring_from_settings, settings)
+            conversations = ConversationStore(db=db, keyring=keyring)
+            audit = AuditLog(db=db, keyring=keyring)
+            faq_index = RetrieverHolder(embedder=DEFAULT_EMBEDDER if settings.faq_embeddings else None)
+            faq_cache = FaqCache(store=store)
+            watcher = asyncio.create_task(
+                watch_faq(
+                    db=db, store=store, retriever_holder=faq_index, interval=settings.faq_refresh_seconds
+                ),
+                name="faq-watch",
+            )
+            stack.push_async_callback(_cancel, watcher)
+            tools = default_registry(faq_index=faq_index)
+            guard = await asyncio.to_thread(InputGuard.load)
             num_ctx = settings.num_ctx
             if settings.llm_backend == "llamacpp":
                 num_ctx = min(num_ctx, EMBEDDED_MAX_CTX)
@@ -88,6 +113,13 @@ class Runtime:
                     prompt_limit=budget.prompt_limit,
                     model_name=settings.summary_model,
                 ),
+                guard=guard,
+                faq_cache=faq_cache,
+                fallback=FaqFallback(retriever_holder=faq_index),
+                breaker=CircuitBreaker(
+                    failure_threshold=3, window=60.0, cooldown=30.0, probe_timeout=2 * settings.llm_timeout
+                ),
+                audit=audit,
                 limits=EngineLimits(
                     max_input_chars=settings.max_input_chars,
                     max_tool_rounds=settings.max_tool_rounds,
@@ -113,6 +145,9 @@ class Runtime:
                     engine=engine,
                     inbox=inbox,
                     intake=intake,
+                    audit=audit,
+                    faq_index=faq_index,
+                    faq_cache=faq_cache,
                 )
             finally:
                 await engine.wait_idle()
@@ -136,3 +171,9 @@ class Runtime:
             log.warning("model not ready", exc_info=True)
             checks["model"] = False
         return checks
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

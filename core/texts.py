@@ -49,7 +49,8 @@ TEXTS: dict[str, dict[Language, str]] = {
     },
     "wechat_image_received": {
         "zh": "已收到图片，谢谢！目前我只能阅读文字，请用文字描述您的问题。",
-        "en": "Thanks, we received your picture. I can only read text for now: please describe your question.",
+        "en": "Thanks, we received your picture. I can only read text for now: "
+        "please describe your question.",
     },
     "wechat_voice_unrecognized": {
         "zh": "已收到语音，但没能识别出内容，请用文字再说一遍。",

@@ -23,13 +23,14 @@ import contextlib
 import heapq
 import itertools
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from core.delivery import SenderRegistry
 from core.engine import Engine
 from core.inbox.base import Inbox, InboxEntry
 from core.intake import DONE_TTL, NOTICE_FIELD, done_key, sequence_of
-from core.messages import InboundMessage, Reply, ReplySource
+from core.messages import InboundMessage, Reply, ReplyDone, ReplyEvent, ReplySource
 from core.stores.base import StateStore
 from core.texts import text as fixed_text
 
@@ -80,6 +81,8 @@ class Worker:
         order_wait: float = 600.0,
         shutdown_grace: float = 30.0,
         max_claimed: int | None = None,
+        lock_ttl: float = 30.0,
+        lock_wait: float = 300.0,
     ) -> None:
         self._inbox = inbox
         self._engine = engine
@@ -91,6 +94,9 @@ class Worker:
         self._reclaim_idle = reclaim_idle
         self._order_wait = order_wait
         self._shutdown_grace = shutdown_grace
+        # The delivery lock of a crashed worker frees itself after lock_ttl; a live one renews it.
+        self._lock_ttl = lock_ttl
+        self._lock_wait = lock_wait
         # Claim no more than this process can soon work on, so idle processes get the rest.
         self._max_claimed = max_claimed or 4 * concurrency
         self._lanes: dict[str, _Lane] = {}
@@ -170,6 +176,9 @@ class Worker:
                 self._shutdown_grace,
             )
             for task in list(self._lane_tasks):
+                import sys
+                task.print_stack(file=sys.stderr)
+            for task in list(self._lane_tasks):
                 task.cancel()
             await asyncio.gather(*self._lane_tasks, return_exceptions=True)
 
@@ -246,22 +255,31 @@ class Worker:
         message = entry.message
         extra = _extra(message)
         try:
-            if await self._store.get(sent_key(entry)) is None:
-                sender = self._senders.get(message.key.channel)
-                if sender is None:
-                    await self._mark_done(message)
-                    await self._inbox.dead_letter(entry, f"no sender for channel {message.key.channel!r}")
-                    log.error("no sender for channel; message dead-lettered", extra=extra)
-                    return
-                notice = message.extras.get(NOTICE_FIELD)
-                if isinstance(notice, str):
-                    await sender.send(self._fixed_reply(message, notice))
-                else:
-                    await sender.deliver(message, self._engine.stream(message))
-                await self._settle(entry)
-            else:
+            sender = self._senders.get(message.key.channel)
+            if sender is None:
                 await self._mark_done(message)
-                await self._inbox.ack(entry.entry_id)
+                await self._inbox.dead_letter(entry, f"no sender for channel {message.key.channel!r}")
+                log.error("no sender for channel; message dead-lettered", extra=extra)
+                return
+            # Check and send under the conversation's delivery lock: a second worker holding the same
+            # entry (reclaimed from a stalled process) finds the sent record instead of sending again.
+            lock = self._store.lock(f"deliver:{message.key}", ttl=self._lock_ttl, wait=self._lock_wait)
+            async with lock:
+                if await self._store.get(sent_key(entry)) is None:
+                    notice = message.extras.get(NOTICE_FIELD)
+                    if isinstance(notice, str):
+                        await sender.send(self._fixed_reply(message, notice))
+                    else:
+                        events = self._engine.stream(message)
+                        first = await anext(events)
+                        # An empty reply means no bot answer (a person has the conversation).
+                        if not (isinstance(first, ReplyDone) and not first.reply.text):
+                            await sender.deliver(message, _prepend(first, events))
+                    await self._settle(entry)
+                    self.processed += 1
+                    return
+            await self._mark_done(message)
+            await self._inbox.ack(entry.entry_id)
             self.processed += 1
         except Exception as exc:
             log.error("processing failed (delivery %d)", entry.deliveries, exc_info=True, extra=extra)
@@ -328,3 +346,9 @@ class Worker:
             await sender.send(self._fixed_reply(message, "apology"))
         except Exception:
             log.error("could not send the apology for a dead-lettered message", exc_info=True, extra=extra)
+
+
+async def _prepend(first: ReplyEvent, rest: AsyncIterator[ReplyEvent]) -> AsyncIterator[ReplyEvent]:
+    yield first
+    async for event in rest:
+        yield event

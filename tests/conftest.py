@@ -28,3 +28,5 @@ def _no_kefu_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("KEFU_"):
             monkeypatch.delenv(name)
+    # Dense FAQ embeddings cost seconds of CPU per index build; the tests that need them ask for them.
+    monkeypatch.setenv("KEFU_FAQ_EMBEDDINGS", "false")

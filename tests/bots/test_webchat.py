@@ -73,9 +73,10 @@ def test_the_final_reply_replaces_the_streamed_text(settings: Settings) -> None:
     ):
         deltas, reply = exchange(ws, "hello", "c1")
     assert "".join(d["text"] for d in deltas) == "}}}}}}}}"
-    assert reply["source"] == "system"
+    # the engine replaced the unusable answer (apology or FAQ fallback): the reply frame carries it
+    assert reply["source"] != "model"
+    assert reply["text"].strip() and "}}" not in reply["text"]
     assert reply["lang"] == "en"
-    assert reply["text"].startswith("Sorry")
 
 
 def test_two_browser_sessions_are_two_conversations(client: TestClient, model: SwitchableModel) -> None:

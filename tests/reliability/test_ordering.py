@@ -47,6 +47,7 @@ async def test_two_workers_answer_every_message_once_in_order(database: Database
             sender=sender,
             consumer=f"p{i}",
             concurrency=4,
+            reclaim_idle=3.0,
         )
         for i in range(2)
     ]

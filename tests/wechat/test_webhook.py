@@ -69,6 +69,9 @@ async def test_forged_or_stale_requests_are_refused_and_nothing_is_processed(
             for query in (forged, missing, stale, future):
                 response = await gw.post(text_xml("hello", msg_id=str(len(query))), query)
                 assert response.status_code == 403
+            # checked before the body is even read: broken or huge bodies of forged requests are 403 too
+            assert (await gw.post("<xml><broken", forged)).status_code == 403
+            assert (await gw.post("x" * (100 * 1024), forged)).status_code == 403
         assert "signature does not match" in caplog.text
         assert "check the clock" in caplog.text
         await gw.settled()
@@ -334,10 +337,10 @@ async def test_menu_click_is_answered_with_its_event_key_and_deduped(
         assert len(model.requests) == 1
 
 
-async def test_english_messages_are_answered_in_english_fixed_texts(
+async def test_a_blank_text_gets_the_chinese_prompt_for_a_question(
     tmp_path: Path, fake_wechat: FakeWeChat
 ) -> None:
-    # The engine answers an empty text with a fixed text in the customer's language (zh by default).
+    # Nothing to detect a language from: WeChat customers are answered in Chinese by default.
     async with gateway(wechat_settings(tmp_path, fake_wechat), fast_model()) as gw:
         response = await gw.post(text_xml("   ", msg_id="31"))
         assert reply_content(response.text) == fixed_text("empty_input", "zh")
