@@ -26,7 +26,9 @@ from types import ModuleType
 from typing import Any
 
 from core.delivery import SenderRegistry
+from core.jobs import notify_through, standard_jobs
 from core.runtime import Runtime
+from core.scheduler import Scheduler
 from core.settings import Settings
 from core.worker import Worker
 
@@ -80,9 +82,17 @@ async def running(
             coroutines: list[Coroutine[Any, Any, Any]] = module.background(settings, runtime)
             tasks.extend(asyncio.create_task(c, name=f"{module.__name__}") for c in coroutines)
     log.info("platforms on: %s", ", ".join(senders.channels()) or "none")
+    scheduler = None
+    if settings.scheduler_enabled:
+        jobs = standard_jobs(runtime, notify=notify_through(senders))
+        scheduler = Scheduler(store=runtime.store, jobs=jobs, identity=consumer_name())
+        scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
     try:
         yield senders
     finally:
+        if scheduler is not None:  # first: its jobs may still send through the platforms
+            await scheduler.stop()
+            await scheduler_task
         # Finish in-flight answers first, while the platforms' clients are still open.
         if the_worker is not None:
             await the_worker.stop()

@@ -30,7 +30,15 @@ from core.guards import InputGuard, neutralize_control_tokens
 from core.handoff import PAUSED_STATES
 from core.llm.base import ChatMessage, ChatModel, ChatRequest, ChatResponse, ToolCall
 from core.memory import add_note, extract_facts
-from core.messages import InboundMessage, Reply, ReplyDelta, ReplyDone, ReplyEvent, ReplySource
+from core.messages import (
+    ConversationKey,
+    InboundMessage,
+    Reply,
+    ReplyDelta,
+    ReplyDone,
+    ReplyEvent,
+    ReplySource,
+)
 from core.sanitize import clean_text, looks_like_garbage, looks_like_tool_call
 from core.stores.base import StateStore
 from core.summary import Summarizer
@@ -133,6 +141,11 @@ class Engine:
         except Exception:
             log.error("could not answer message", exc_info=True, extra=_log_extra(message))
             yield ReplyDone(reply=self._fixed(message, "apology"))
+
+    async def is_paused(self, key: ConversationKey) -> bool:
+        """True while a person has (or was asked to take) the conversation: the bot does not answer."""
+        conversation = await self._conversations.get(key)
+        return conversation is not None and conversation.state in PAUSED_STATES
 
     async def wait_idle(self) -> None:
         """Wait for background work (summaries, FAQ hit counts) to finish: at shutdown and in tests."""

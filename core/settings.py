@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     # safety and operations
     audit_key: SecretStr | None = None
     audit_retention_days: int = Field(default=30, ge=1)
+    scheduler_enabled: bool = True
+    session_idle_minutes: int = Field(default=30, ge=1)
+    handoff_timeout_minutes: int = Field(default=30, ge=1)
+    metrics_token: SecretStr | None = None
     admin_token: SecretStr | None = None
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -31,6 +31,12 @@ TEXTS: dict[str, dict[Language, str]] = {
         "en": "You are sending messages a little fast. Please wait a minute before continuing; "
         "we will answer every question.",
     },
+    "handoff_timeout": {
+        "zh": "抱歉，人工客服暂时都在忙，未能及时接入。您的问题已记录在工单中，我们会尽快跟进；"
+        "现在您也可以继续向我提问。",
+        "en": "Sorry, none of our team could take your conversation in time. Your request is kept in a "
+        "ticket and we will follow up; meanwhile you can keep asking me here.",
+    },
     "greeting": {
         "zh": "您好，我是智能客服，请问有什么可以帮您？",
         "en": "Hi, I am the support assistant. How can I help you?",
@@ -63,6 +69,12 @@ TEXTS: dict[str, dict[Language, str]] = {
     "wechat_truncated": {
         "zh": "……（回复过长，后面的内容已省略，可以继续追问。）",
         "en": "... (this answer was too long and has been cut; feel free to ask for the rest.)",
+    },
+    "output_blocked": {
+        "zh": "抱歉，这个问题我暂时无法这样回答。我可以帮您查询订单、物流、退换货等问题；"
+        "如需进一步帮助，可以回复“人工”联系客服。",
+        "en": "Sorry, I can't answer that in this way. I can help with orders, delivery, returns and "
+        'similar questions; reply "human" if you would like to talk to a person.',
     },
     "limited_mode_note": {
         "zh": "（智能客服正在简化模式下运行，以上为常见问题解答。如需进一步帮助，请回复“人工”。）",

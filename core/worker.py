@@ -23,14 +23,13 @@ import contextlib
 import heapq
 import itertools
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from core.delivery import SenderRegistry
 from core.engine import Engine
 from core.inbox.base import Inbox, InboxEntry
 from core.intake import DONE_TTL, NOTICE_FIELD, done_key, sequence_of
-from core.messages import InboundMessage, Reply, ReplyDone, ReplyEvent, ReplySource
+from core.messages import InboundMessage, Reply, ReplySource
 from core.stores.base import StateStore
 from core.texts import text as fixed_text
 
@@ -269,12 +268,13 @@ class Worker:
                     notice = message.extras.get(NOTICE_FIELD)
                     if isinstance(notice, str):
                         await sender.send(self._fixed_reply(message, notice))
+                    elif await self._engine.is_paused(message.key):
+                        # A person has the conversation: the engine stores the message, nobody is sent
+                        # a bot answer.
+                        async for _ in self._engine.stream(message):
+                            pass
                     else:
-                        events = self._engine.stream(message)
-                        first = await anext(events)
-                        # An empty reply means no bot answer (a person has the conversation).
-                        if not (isinstance(first, ReplyDone) and not first.reply.text):
-                            await sender.deliver(message, _prepend(first, events))
+                        await sender.deliver(message, self._engine.stream(message))
                     await self._settle(entry)
                     self.processed += 1
                     return
@@ -346,9 +346,3 @@ class Worker:
             await sender.send(self._fixed_reply(message, "apology"))
         except Exception:
             log.error("could not send the apology for a dead-lettered message", exc_info=True, extra=extra)
-
-
-async def _prepend(first: ReplyEvent, rest: AsyncIterator[ReplyEvent]) -> AsyncIterator[ReplyEvent]:
-    yield first
-    async for event in rest:
-        yield event

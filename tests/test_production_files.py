@@ -294,6 +294,7 @@ def test_env_example_as_copied_runs_with_defaults(monkeypatch: pytest.MonkeyPatc
     """`cp .env.example .env` alone gives the documented defaults, no platform switched on by blanks."""
     (tmp_path / ".env").write_text((ROOT / ".env.example").read_text(encoding="utf-8"), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KEFU_FAQ_EMBEDDINGS", raising=False)  # set for the whole test run
     settings = load_settings()
     assert settings.model_dump() == Settings.model_construct().model_dump()
     assert not (settings.telegram_enabled or settings.slack_enabled or settings.wechat_enabled)

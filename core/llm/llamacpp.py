@@ -179,9 +179,17 @@ class LlamaCppModel(ChatModel):
             raise LLMError("tool_choice='required' needs at least one tool")
         tools = () if request.json_schema is not None else request.tools
         schema = request.json_schema if request.json_schema is not None else None
+        # After tool calls, a small model imitates the JSON calls in its history instead of answering:
+        # the final answer is then constrained to {"answer": ...} too, and only its text is streamed.
+        answer_only = not tools and schema is None and _has_tool_turns(request.messages)
         if tools:
             schema = reply_schema(tools, allow_answer=tool_choice == "auto")
-        messages = _template_messages(request.messages, tools_prompt(tools, tool_choice) if tools else None)
+        elif answer_only:
+            schema = reply_schema(())
+        instructions = (
+            tools_prompt(tools, tool_choice) if tools else ANSWER_ONLY_PROMPT if answer_only else None
+        )
+        messages = _template_messages(request.messages, instructions)
         temperature = request.temperature if request.temperature is not None else self._temperature
         max_tokens = request.max_tokens if request.max_tokens is not None else self._max_tokens
 
@@ -209,7 +217,7 @@ class LlamaCppModel(ChatModel):
         # share the llama.cpp context.
         worker.add_done_callback(self._release)
 
-        answer = _AnswerStream() if tools else None
+        answer = _AnswerStream() if tools or answer_only else None
         streamed: list[str] = []
         try:
             while (piece := await pieces.get()) is not None:
@@ -221,7 +229,7 @@ class LlamaCppModel(ChatModel):
             generation = await asyncio.shield(worker)
         finally:
             cancel.set()
-        response = self._response(generation, tools, request.json_schema is not None, answer)
+        response = self._response(generation, tools, request.json_schema is not None, answer, answer_only)
         rest = response.content[len("".join(streamed)) :] if answer is not None else ""
         if rest:  # the parsed answer is the truth; the streamed prefix only ran ahead of it
             yield ChatChunk(delta=rest)
@@ -312,6 +320,7 @@ class LlamaCppModel(ChatModel):
         tools: Sequence[ToolSpec],
         wants_json: bool,
         answer: _AnswerStream | None,
+        answer_only: bool = False,
     ) -> ChatResponse:
         usage = Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens)
         fields: dict[str, Any] = {
@@ -319,7 +328,7 @@ class LlamaCppModel(ChatModel):
             "finish_reason": generation.finish_reason,
             "model": self.model_path.name,
         }
-        if tools:
+        if tools or answer_only:
             return self._tool_reply(generation, tools, answer, fields)
         if wants_json:
             try:
@@ -421,6 +430,16 @@ def reply_schema(tools: Sequence[ToolSpec], *, allow_answer: bool = True) -> dic
     if definitions:
         schema["$defs"] = definitions
     return schema
+
+
+ANSWER_ONLY_PROMPT = (
+    "Answer the customer now, using the tool results above. "
+    'Reply with only: {"answer": "<your reply to the customer>"}'
+)
+
+
+def _has_tool_turns(messages: Sequence[ChatMessage]) -> bool:
+    return any(m.role == "tool" or m.tool_calls for m in messages)
 
 
 def tools_prompt(tools: Sequence[ToolSpec], tool_choice: ToolChoice = "auto") -> str:

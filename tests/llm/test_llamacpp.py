@@ -159,8 +159,11 @@ async def test_tool_results_in_the_history_are_accepted(model: LlamaCppModel) ->
         ChatMessage.assistant("", tool_calls=(call,)),
         ChatMessage.tool(call, json.dumps({"order_id": "A1001", "status": "shipped"})),
     )
-    response = await model.complete(ChatRequest(messages=history))
+    deltas, response = await collect(model, ChatRequest(messages=history))
     assert response.content.strip()
+    # The final answer after tool calls is text for the customer, never a call imitated as JSON.
+    assert not response.content.lstrip().startswith("{")
+    assert "".join(deltas) == response.content
 
 
 async def test_json_schema_answer_validates(model: LlamaCppModel) -> None:

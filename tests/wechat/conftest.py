@@ -26,7 +26,7 @@ import xmltodict
 from aiohttp import web
 from wechatpy.crypto import WeChatCrypto
 
-from core.llm.base import ChatRequest
+from core.llm.base import ChatChunk, ChatRequest
 from core.llm.testing import FunctionModel
 from core.settings import Settings, load_settings
 from core.stores.base import StateStore
@@ -208,6 +208,22 @@ SLOW = {"wechat_passive_timeout": 0.5}
 def slow_model(delay: float = 1.2) -> FunctionModel:
     """Answers after the passive deadline of :data:`SLOW` settings has passed."""
     return FunctionModel(lambda request: answer_for(last_user_text(request)), delay=delay)
+
+
+class SlowStreamModel(FunctionModel):
+    """Starts writing at once, then takes ``pause`` seconds to finish: a model still working."""
+
+    def __init__(self, pause: float) -> None:
+        super().__init__(lambda request: answer_for(last_user_text(request)))
+        self._pause = pause
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        response = await self._respond(request)
+        head, tail = response.content[:2], response.content[2:]
+        yield ChatChunk(delta=head)
+        await asyncio.sleep(self._pause)
+        yield ChatChunk(delta=tail)
+        yield ChatChunk(done=True, response=response)
 
 
 # --- building WeChat's requests ------------------------------------------------------------------------

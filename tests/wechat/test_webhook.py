@@ -22,6 +22,7 @@ from tests.wechat.conftest import (
     OTHER_AES_KEY,
     SLOW,
     FakeWeChat,
+    SlowStreamModel,
     answer_for,
     decrypt_response,
     encrypted_request,
@@ -205,8 +206,17 @@ async def test_slow_answer_gets_success_at_once_then_one_customer_service_messag
         await wait_for(lambda: len(fake_wechat.sent) == 1)
         await gw.settled()
         assert [(s.touser, s.content) for s in fake_wechat.sent] == [(OPENID, answer_for("发票怎么开"))]
-        # "typing..." was shown while the customer waited
-        assert {"touser": OPENID, "command": "Typing"} in fake_wechat.typing
+
+
+async def test_typing_is_shown_while_a_slow_answer_is_being_written(
+    tmp_path: Path, fake_wechat: FakeWeChat
+) -> None:
+    async with gateway(wechat_settings(tmp_path, fake_wechat, **SLOW), SlowStreamModel(1.5)) as gw:
+        assert (await gw.post(text_xml("发票怎么开"))).text == "success"
+        await wait_for(lambda: len(fake_wechat.sent) == 1)
+        await gw.settled()
+        assert fake_wechat.typing and fake_wechat.typing[0] == {"touser": OPENID, "command": "Typing"}
+        assert fake_wechat.texts() == [answer_for("发票怎么开")]
 
 
 async def test_slow_answer_in_safe_mode_also_goes_through_the_api(
