@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from adapters import slack as adapter
+from bots.http import BodyTooLarge, read_limited_body
 from core.intake import Accepted, Intake
 from core.runtime import Runtime
 from core.settings import Settings
@@ -77,22 +78,6 @@ def background(settings: Settings, runtime: Runtime) -> list[Coroutine[Any, Any,
 # --- Events API over HTTP -------------------------------------------------------------------------------
 
 
-class _TooLarge(Exception):
-    pass
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _TooLarge
-    return bytes(body)
-
-
 def signature_problem(secret: str, body: bytes, timestamp: str | None, signature: str | None) -> str | None:
     """Why a request is not Slack's (None when its signature is valid and fresh)."""
     if not timestamp or not signature:
@@ -117,8 +102,8 @@ async def slack_events(request: Request) -> Response:
         return Response("Not Found", status_code=404, media_type="text/plain")
     peer = request.client.host if request.client else "?"
     try:
-        body = await _read_body(request, MAX_BODY_BYTES)
-    except _TooLarge:
+        body = await read_limited_body(request, MAX_BODY_BYTES)
+    except BodyTooLarge:
         log.warning("refused a Slack request: body over %d bytes", MAX_BODY_BYTES, extra={"peer": peer})
         return Response("payload too large", status_code=413, headers=_NO_RETRY, media_type="text/plain")
     except ClientDisconnect:

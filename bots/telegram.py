@@ -46,6 +46,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from adapters import telegram as adapter
+from bots.http import BodyTooLarge, read_limited_body
 from core.errors import ConfigError
 from core.intake import Accepted, Intake
 from core.runtime import Runtime
@@ -145,22 +146,6 @@ def background(settings: Settings, runtime: Runtime) -> list[Coroutine[Any, Any,
 # --- webhook -------------------------------------------------------------------------------------
 
 
-class _TooLarge(Exception):
-    pass
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _TooLarge
-    return bytes(body)
-
-
 def _plain(text: str, status: int) -> Response:
     return Response(text, status_code=status, media_type="text/plain")
 
@@ -184,8 +169,8 @@ async def telegram_webhook(request: Request) -> Response:
         log.warning("Telegram webhook call from %s with a wrong secret token", peer)
         return _plain("Forbidden", 403)
     try:
-        body = await _read_body(request, MAX_BODY_BYTES)
-    except _TooLarge:
+        body = await read_limited_body(request, MAX_BODY_BYTES)
+    except BodyTooLarge:
         log.warning("Telegram webhook body from %s over %d bytes refused", peer, MAX_BODY_BYTES)
         return _plain("Payload Too Large", 413)
     except ClientDisconnect:

@@ -29,6 +29,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from adapters import wechat
+from bots.http import BodyTooLarge, read_limited_body
 from core.errors import ConfigError, KefuError
 from core.intake import Accepted
 from core.runtime import Runtime
@@ -110,23 +111,6 @@ def _check(request: Request, endpoint: Endpoint) -> None:
     )
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body, refusing (413) more than MAX_BODY_BYTES without reading it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > wechat.MAX_BODY_BYTES:
-        raise _TooLarge
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > wechat.MAX_BODY_BYTES:
-            raise _TooLarge
-    return bytes(body)
-
-
-class _TooLarge(Exception):
-    pass
-
-
 def _refuse(request: Request, error: wechat.RequestRejected) -> Response:
     client = request.client.host if request.client else "?"
     log.warning("refused a /wechat request from %s: %s", client, error)
@@ -160,8 +144,8 @@ async def receive(request: Request) -> Response:
     try:
         _check(request, endpoint)
         try:
-            body = await _read_body(request)
-        except _TooLarge:
+            body = await read_limited_body(request, wechat.MAX_BODY_BYTES)
+        except BodyTooLarge:
             log.warning("refused a /wechat request: body over %d bytes", wechat.MAX_BODY_BYTES)
             return PlainTextResponse("payload too large", status_code=413)
         except ClientDisconnect:

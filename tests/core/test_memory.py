@@ -65,7 +65,9 @@ def test_a_second_order_is_added_not_replaced() -> None:
 
 
 def test_later_contact_details_replace_earlier_ones() -> None:
-    facts = read("手机13812345678", "电话改成 13912345678", "my email is a@example.com", "email: b@example.com")
+    facts = read(
+        "手机13812345678", "电话改成 13912345678", "my email is a@example.com", "email: b@example.com"
+    )
     assert facts["phone"] == "13912345678"
     assert facts["email"] == "b@example.com"
 

@@ -142,7 +142,11 @@ async def test_a_reprocessed_message_is_not_sent_twice(database: Database, store
     # The same entry comes back (a worker died after sending but before acknowledging).
     await intake.inbox.put(message("alice", 1))
     worker2 = Worker(
-        inbox=intake.inbox, engine=worker._engine, senders=SenderRegistry([sender]), store=store, consumer="w2"
+        inbox=intake.inbox,
+        engine=worker._engine,
+        senders=SenderRegistry([sender]),
+        store=store,
+        consumer="w2",
     )
     await run_until_empty(worker2, intake)
     assert await intake.inbox.depth() == 0
