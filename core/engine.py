@@ -27,6 +27,7 @@ from core.errors import KefuError, LLMError, ModelOutputError
 from core.faq.cache import FaqCache
 from core.faq.fallback import FaqFallback, keep_for_followup
 from core.guards import InputGuard, neutralize_control_tokens
+from core.guards.output_guard import OutputModerator, pinned_values
 from core.handoff import PAUSED_STATES
 from core.llm.base import ChatMessage, ChatModel, ChatRequest, ChatResponse, ToolCall
 from core.memory import add_note, extract_facts
@@ -91,6 +92,7 @@ class Engine:
         fallback: FaqFallback | None = None,
         breaker: CircuitBreaker | None = None,
         audit: AuditLog | None = None,
+        moderator: OutputModerator | None = None,
         limits: EngineLimits = DEFAULT_LIMITS,
     ) -> None:
         self._conversations = conversations
@@ -105,6 +107,7 @@ class Engine:
         self._fallback = fallback
         self._breaker = breaker
         self._audit = audit
+        self._moderator = moderator
         self._limits = limits
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -200,6 +203,8 @@ class Engine:
         started = time.perf_counter()
         async for delta in self._respond(message, conversation, history, text, turn):
             yield ReplyDelta(text=delta)
+        if turn.source is ReplySource.MODEL and self._moderator is not None:
+            await self._moderate(conversation.id, message, turn)
         meta = turn.meta or {}
         meta["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
         turn.rows.append(
@@ -275,9 +280,18 @@ class Engine:
                 history=history,
                 user_text=text,
             )
+            # Streamed text passes the output moderator too: it holds back a few characters so a word or
+            # a number split across chunks is never shown half-way.
+            gate = (
+                self._moderator.stream(customer_values=turn.pinned, language=language)
+                if self._moderator
+                else None
+            )
             try:
                 async for delta in self._run_model(message, conversation, built.messages, built.tokens, turn):
-                    yield delta
+                    safe = gate.feed(delta) if gate is not None else delta
+                    if safe:
+                        yield safe
             except LLMError as exc:
                 log.warning("model failed: %s", exc, extra=_log_extra(message))
                 if self._breaker is not None:
@@ -296,6 +310,28 @@ class Engine:
         else:
             turn.meta = {"error": "model_circuit_open"}
         await self._fall_back(message, conversation, text, turn)
+
+    async def _moderate(self, conversation_id: int, message: InboundMessage, turn: _Turn) -> None:
+        """Apply output moderation to the final model answer (the streamed text was moderated already;
+        the final text replaces it on every platform)."""
+        assert self._moderator is not None
+        result = self._moderator.moderate(
+            turn.answer, customer_values=pinned_values(turn.pinned), language=message.language
+        )
+        if result.action == "allow":
+            return
+        decision = {
+            "action": result.action,
+            "categories": list(result.categories),
+            "rules": list(result.rules),
+            "masked": result.masked_count,
+        }
+        log.info(
+            "output moderation: %s %s", result.action, ",".join(result.categories), extra=_log_extra(message)
+        )
+        await self._record("guard", conversation_id, "guard:output", {**decision, "original": turn.answer})
+        turn.answer = result.text
+        turn.meta = {**(turn.meta or {}), "output_guard": decision}
 
     async def _fall_back(
         self, message: InboundMessage, conversation: Conversation, text: str, turn: _Turn

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -30,6 +31,7 @@ from core.faq.fallback import FaqFallback
 from core.faq.retriever import DEFAULT_EMBEDDER
 from core.faq.service import RetrieverHolder, watch_faq
 from core.guards import InputGuard
+from core.guards.output_guard import OutputModerator
 from core.inbox.base import Inbox
 from core.inbox.factory import build_inbox
 from core.intake import Intake, RateLimits
@@ -90,6 +92,7 @@ class Runtime:
             stack.push_async_callback(_cancel, watcher)
             tools = default_registry(faq_index=faq_index)
             guard = await asyncio.to_thread(InputGuard.load)
+            system_prompt = load_system_prompt(settings.system_prompt_file)
             num_ctx = settings.num_ctx
             if settings.llm_backend == "llamacpp":
                 num_ctx = min(num_ctx, EMBEDDED_MAX_CTX)
@@ -104,7 +107,7 @@ class Runtime:
                 store=store,
                 model=chat_model,
                 tools=tools,
-                system_prompt=load_system_prompt(settings.system_prompt_file),
+                system_prompt=system_prompt,
                 context=ContextBuilder(counter=chat_model.count_tokens, budget=budget),
                 summarizer=Summarizer(
                     model=chat_model,
@@ -120,6 +123,13 @@ class Runtime:
                     failure_threshold=3, window=60.0, cooldown=30.0, probe_timeout=2 * settings.llm_timeout
                 ),
                 audit=audit,
+                moderator=await asyncio.to_thread(
+                    OutputModerator.load,
+                    system_prompt=system_prompt,
+                    tool_texts=[
+                        json.dumps(spec.openai_format(), ensure_ascii=False) for spec in tools.specs()
+                    ],
+                ),
                 limits=EngineLimits(
                     max_input_chars=settings.max_input_chars,
                     max_tool_rounds=settings.max_tool_rounds,

@@ -37,6 +37,19 @@ TEXTS: dict[str, dict[Language, str]] = {
         "en": "Sorry, none of our team could take your conversation in time. Your request is kept in a "
         "ticket and we will follow up; meanwhile you can keep asking me here.",
     },
+    "handoff_waiting": {
+        "zh": "已为您转接人工客服，请稍候",
+        "en": "Connecting you to a person, please wait",
+    },
+    "handoff_agent_joined": {
+        "zh": "人工客服已接入，接下来由客服为您服务。",
+        "en": "A member of our team has joined the conversation and will help you from here.",
+    },
+    "handoff_agent_left": {
+        "zh": "人工客服已离开，接下来由智能客服继续为您服务。如需再次转人工，请回复“人工”。",
+        "en": 'Our team member has left the conversation; the assistant is back. Reply "human" to reach '
+        "a person again.",
+    },
     "greeting": {
         "zh": "您好，我是智能客服，请问有什么可以帮您？",
         "en": "Hi, I am the support assistant. How can I help you?",

@@ -69,6 +69,7 @@ _BANK_CARD = re.compile(
     f"|{_D}{{4}}(?P<s1>[ -]){_D}{{4}}(?:(?P=s1){_D}{{4}}){{1,2}}(?:(?P=s1){_D}{{1,3}})?"
     f"|{_D}{{4}}(?P<s2>[ -]){_D}{{6}}(?P=s2){_D}{{4,5}}){_NA}"
 )
+_NUMBER_RUN = re.compile(f"\\+?{_D}(?:[ .-]?{_D}){{7,}}")
 _EMAIL = re.compile(
     r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![A-Za-z0-9-])"
 )
@@ -92,6 +93,11 @@ _ID_CHECK = "10x98765432"
 
 def _is_cjk(ch: str) -> bool:
     return "\u3400" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff"
+
+
+def _in_word(ch: str) -> bool:
+    """Whether ``ch`` continues a Latin word (a Chinese character or a space ends it)."""
+    return ch.isalnum() and not _is_cjk(ch)
 
 
 def _digits(value: str) -> str:
@@ -191,35 +197,39 @@ def find_personal_data(text: str, start: int = 0) -> list[_Personal]:
     def labelled(a: int) -> bool:
         return _NUMBER_LABEL.search(text, max(0, a - 24), a) is not None
 
-    for m in _ID_CARD.finditer(text, start):
-        if valid_id_card(m.group()) and not labelled(m.start()):
-            key = _digits(m.group())
-            found.append(_Personal(m.start(), m.end(), PII_ID_CARD, key, _mask_digits(m.group(), 3, 4)))
-    for m in _CN_MOBILE.finditer(text, start):
-        if free(m.start(), m.end()) and not labelled(m.start()):
-            head = 3 + len(_digits(m.group("cc") or ""))
-            key = _phone_key(_digits(m.group()))
-            found.append(_Personal(m.start(), m.end(), PII_PHONE, key, _mask_digits(m.group(), head, 4)))
-    for m in _INTL_PHONE.finditer(text, start):
-        digits = _digits(m.group())
-        if 8 <= len(digits) <= 15 and free(m.start(), m.end()) and not labelled(m.start()):
-            tail = 4 if len(digits) >= 10 else 2
-            masked = _mask_digits(m.group(), 3, tail)
-            found.append(_Personal(m.start(), m.end(), PII_PHONE, _phone_key(digits), masked))
-    for m in _BANK_CARD.finditer(text, start):
-        digits = _digits(m.group())
-        if (
-            13 <= len(digits) <= 19
-            and _card_prefix(digits)
-            and luhn_valid(digits)
-            and free(m.start(), m.end())
-            and not labelled(m.start())
-        ):
-            found.append(_Personal(m.start(), m.end(), PII_BANK_CARD, digits, _mask_digits(m.group(), 4, 4)))
-    for m in _EMAIL.finditer(text, start):
-        if free(m.start(), m.end()):
-            key = m.group().casefold()
-            found.append(_Personal(m.start(), m.end(), PII_EMAIL, key, _mask_email(m.group())))
+    # The specific patterns only run around runs of 8+ digits: most answers have none or one or two.
+    for run in _NUMBER_RUN.finditer(text, start):
+        lo, hi = run.start(), min(len(text), run.end() + 1)  # one more character for the lookahead
+        for m in _ID_CARD.finditer(text, lo, hi):
+            if valid_id_card(m.group()) and not labelled(m.start()):
+                masked = _mask_digits(m.group(), 3, 4)
+                found.append(_Personal(m.start(), m.end(), PII_ID_CARD, _digits(m.group()), masked))
+        for m in _CN_MOBILE.finditer(text, lo, hi):
+            if free(m.start(), m.end()) and not labelled(m.start()):
+                head = 3 + len(_digits(m.group("cc") or ""))
+                key = _phone_key(_digits(m.group()))
+                found.append(_Personal(m.start(), m.end(), PII_PHONE, key, _mask_digits(m.group(), head, 4)))
+        for m in _INTL_PHONE.finditer(text, lo, hi):
+            digits = _digits(m.group())
+            if 8 <= len(digits) <= 15 and free(m.start(), m.end()) and not labelled(m.start()):
+                masked = _mask_digits(m.group(), 3, 4 if len(digits) >= 10 else 2)
+                found.append(_Personal(m.start(), m.end(), PII_PHONE, _phone_key(digits), masked))
+        for m in _BANK_CARD.finditer(text, lo, hi):
+            digits = _digits(m.group())
+            if (
+                13 <= len(digits) <= 19
+                and _card_prefix(digits)
+                and luhn_valid(digits)
+                and free(m.start(), m.end())
+                and not labelled(m.start())
+            ):
+                masked = _mask_digits(m.group(), 4, 4)
+                found.append(_Personal(m.start(), m.end(), PII_BANK_CARD, digits, masked))
+    if "@" in text:
+        for m in _EMAIL.finditer(text, start):
+            if free(m.start(), m.end()):
+                key = m.group().casefold()
+                found.append(_Personal(m.start(), m.end(), PII_EMAIL, key, _mask_email(m.group())))
     return found
 
 
@@ -445,10 +455,10 @@ class _Lexicon:
                 phrase: _Phrase
                 for phrase in phrases:
                     start = end - phrase.length + 1
-                    if start > 0 and words[start - 1] != " ":
+                    if start > 0 and _in_word(words[start - 1]):
                         continue
                     if end + 1 < len(words):
-                        if words[end + 1] != " ":
+                        if _in_word(words[end + 1]):
                             continue
                         pending = False
                     else:
@@ -526,7 +536,7 @@ class ModerationResult:
 class OutputModerator:
     """Moderates model answers: lexicon, personal data of third parties and system-prompt leaks.
 
-    Build it with :meth:`load`; it is immutable and safe to share between conversations.
+    Build it with :meth:`load`; one instance serves every conversation (only its character cache grows).
     """
 
     def __init__(
@@ -581,13 +591,16 @@ class OutputModerator:
         system_prompt: str,
         tool_texts: Sequence[str] = (),
         canaries: Sequence[str] = (),
+        leak_min_weight: int = LEAK_MIN_WEIGHT,
     ) -> OutputModerator:
         """Load lexicons (``*.txt``) and ``policy.yaml`` from ``data_dir`` (the shipped
         ``core/guards/data/output`` by default) and then each of ``extra_dirs``.
 
         Lexicons add up; a later ``policy.yaml`` overrides single categories and adds allow-listed
         values; a ``homoglyphs.txt`` adds look-alike folds. ``system_prompt`` and ``tool_texts`` (tool
-        names, descriptions and schemas as sent to the model) are what must never be quoted back.
+        names, descriptions and schemas as sent to the model) are what must never be quoted back: a
+        verbatim run of ``leak_min_weight`` normalised characters (a Chinese character counts 2), or any
+        of ``canaries``, blocks the answer.
         """
         lexicon: list[LexiconEntry] = []
         policy = OutputPolicy()
@@ -608,20 +621,32 @@ class OutputModerator:
             tool_texts=tool_texts,
             canaries=canaries,
             homoglyphs=homoglyphs,
+            leak_min_weight=leak_min_weight,
         )
 
     # ------------------------------------------------------------------ public API
     def moderate(
-        self, text: str, *, customer_values: Collection[str] = (), language: Language = "zh"
+        self,
+        text: str,
+        *,
+        customer_values: Collection[str] | Mapping[str, Any] = (),
+        language: Language = "zh",
     ) -> ModerationResult:
-        """Moderate a complete answer. ``customer_values`` are the customer's own details (their pinned
-        facts, see :func:`pinned_values`): these are never masked."""
+        """Moderate a complete answer.
+
+        ``customer_values`` are the customer's own details, never masked: strings, or the conversation's
+        pinned facts as they are (``{"phone": ..., "email": ..., "order_ids": [...]}``).
+        """
         stream = self.stream(customer_values=customer_values, language=language)
         stream.append(text)
         return stream.finish()
 
-    def stream(self, *, customer_values: Collection[str] = (), language: Language = "zh") -> StreamModerator:
+    def stream(
+        self, *, customer_values: Collection[str] | Mapping[str, Any] = (), language: Language = "zh"
+    ) -> StreamModerator:
         """A moderator for one streamed answer (see :class:`StreamModerator`)."""
+        if isinstance(customer_values, Mapping):
+            customer_values = pinned_values(customer_values)
         allowed = self._allowed | _value_keys(customer_values) if customer_values else self._allowed
         return StreamModerator(self, allowed=allowed, language=language)
 
@@ -654,33 +679,37 @@ class OutputModerator:
     def _lexicon_hold(self, text: str, lo: int) -> int:
         """Index from which text is held back for phrases that may still be completing."""
         need_words, need_compact = self._hold_words, self._hold_compact
+        fold = self._fold
         i = len(text)
         separator = False
         while i > lo and (need_words > 0 or need_compact > 0):
             i -= 1
-            folded = self._fold[ord(text[i])]
+            folded = fold[ord(text[i])]
             if folded == " ":
                 if not separator:
                     need_words -= 1
                 separator = True
             elif folded:
+                if "\u3400" <= folded[0] <= "\u9fff":
+                    need_words = 0  # a Latin phrase never spans a Chinese character
                 need_words -= len(folded)
                 need_compact -= len(folded)
                 separator = False
         return i
 
-    def _detect(self, text: str, lo: int, allowed: frozenset[str], *, final: bool) -> list[_Span]:
+    def _detect(self, text: str, lo: int, allowed: frozenset[str], *, final: bool, tail: int) -> list[_Span]:
+        """Every match in ``text[lo:]``; personal data reaching past ``tail`` may still grow (pending)."""
         spans = self._lexicon.find(text, lo, final=final)
         if self._pii_on:
-            tail = len(text) if final else self._pii_tail(text, lo)
             for found in find_personal_data(text, lo):
                 action = self._pii_actions[found.category]
                 if action == "allow" or found.key in allowed or self._allowed_domain(found):
                     continue
                 rule = f"pii.{found.category.removeprefix('pii_')}"
-                pending = found.end > tail
                 spans.append(
-                    _Span(found.start, found.end, found.category, rule, action, found.masked, pending)
+                    _Span(
+                        found.start, found.end, found.category, rule, action, found.masked, found.end > tail
+                    )
                 )
         return spans
 
@@ -800,14 +829,13 @@ class StreamModerator:
 
     def _advance(self, *, final: bool) -> str:
         moderator, text, lo = self._moderator, self._text, self._committed
-        spans = moderator._detect(text, lo, self._allowed, final=final)
+        tail = len(text) if final or not moderator._pii_on else moderator._pii_tail(text, lo)
+        spans = moderator._detect(text, lo, self._allowed, final=final, tail=tail)
         for span in spans:
             if span.action == "block" and not span.pending:
                 self._blocked = span
                 return ""
-        cut = len(text)
-        if not final:
-            cut = min(moderator._lexicon_hold(text, lo), moderator._pii_tail(text, lo))
+        cut = tail if final else min(tail, moderator._lexicon_hold(text, lo))
         moved = True
         while moved:  # never release part of a match
             moved = False
