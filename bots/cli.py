@@ -24,6 +24,7 @@ import typer
 
 from bots.audit_cli import audit_app
 from bots.faq_cli import faq_app
+from bots.jobs_cli import jobs_app
 from bots.logs import setup_logging
 from core.errors import ConfigError, KefuError
 from core.settings import Settings, load_settings
@@ -46,6 +47,7 @@ db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(faq_app, name="faq")
 app.add_typer(audit_app, name="audit")
+app.add_typer(jobs_app, name="jobs")
 
 
 def _fail(message: str, code: int) -> typer.Exit:

@@ -24,10 +24,12 @@ log = logging.getLogger(__name__)
 
 ROUTE_MODULES: tuple[str, ...] = (
     "bots.health",
+    "bots.metrics",
     "bots.webchat",
     "bots.slack",
     "bots.wechat",
     "bots.telegram",
+    "bots.admin",
 )
 """Modules whose ``routes`` the gateway mounts, in order."""
 

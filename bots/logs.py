@@ -23,6 +23,8 @@ _QUIET_LOGGERS = (
     "httpx",
     "httpcore",
     "aiosqlite",
+    "apscheduler",
+    "bm25s",
     "websockets",
     "openai",
     "ollama",

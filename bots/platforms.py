@@ -8,8 +8,9 @@ Each platform module (``bots.telegram``, ``bots.slack``, ``bots.wechat``, ``bots
 - optionally ``background(settings, runtime) -> list[Coroutine]``: long-running tasks (Telegram
   polling, Slack Socket Mode) started with the gateway and cancelled at shutdown.
 
-``running()`` builds the senders of the enabled platforms, starts the in-process worker and the
-platforms' background tasks, and stops them in order at shutdown (stop claiming, finish in-flight work).
+``running()`` builds the senders of the enabled platforms, starts the in-process worker, the platforms'
+background tasks and the scheduler (``KEFU_SCHEDULER_ENABLED``; one leader runs the jobs), and stops them
+in order at shutdown (scheduler, then stop claiming and finish in-flight work).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from core import metrics
 from core.audit import AuditLog
 from core.breaker import CircuitBreaker, counts_as_outage
 from core.context import ContextBuilder, split_turns
@@ -256,6 +257,7 @@ class Engine:
                     {"action": decision.action, "category": decision.category, "rule": decision.rule},
                 )
             if decision.action == "block":
+                metrics.guard_blocked(decision.category)
                 turn.answer = decision.reply or fixed_text("apology", language)
                 turn.source = ReplySource.SYSTEM
                 turn.meta = {"guard": decision.category, "rule": decision.rule}
@@ -266,6 +268,7 @@ class Engine:
 
         if self._faq_cache is not None:
             hit = await self._faq_cache.lookup(text, language)
+            metrics.faq_cache_lookup(hit=hit is not None)
             if hit is not None:
                 turn.answer, turn.source = hit.answer, ReplySource.FAQ_CACHE
                 turn.meta = {"faq_entry": hit.entry_id}
@@ -346,6 +349,7 @@ class Engine:
             )
             return
         answer = await self._fallback.answer(text, message.language)
+        metrics.fallback_used(str(meta.get("error", "unknown")), answer.kind)
         turn.answer, turn.source = answer.text, ReplySource.FAQ_FALLBACK
         meta.update({"fallback": answer.kind, "faq_entry": answer.entry_id, "confidence": answer.confidence})
         turn.meta = meta
@@ -430,6 +434,7 @@ class Engine:
             )
             for call in response.tool_calls:
                 result = await self._tools.call(call, ctx)
+                metrics.tool_called(call.name, ok=result.ok)
                 await self._record(
                     "tool_call",
                     conversation.id,

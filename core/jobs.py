@@ -38,7 +38,7 @@ from core.delivery import SenderRegistry
 from core.errors import DeliveryError, LockError
 from core.faq.cache import FaqCache
 from core.faq.repository import FaqRepository
-from core.faq.service import RetrieverHolder, refresh_faq_cache
+from core.faq.service import RetrieverHolder
 from core.handoff import BOT, WAITING
 from core.inbox.base import Inbox
 from core.intake import DONE_TTL, SEQ_TTL, done_key, seq_key
@@ -102,7 +102,7 @@ async def prune_idle_sessions(
     while since < cutoff:
         query = (
             select(col(Conversation.id), col(Conversation.key), col(Conversation.updated_at))
-            .where(col(Conversation.updated_at) > since, col(Conversation.updated_at) <= cutoff)
+            .where(col(Conversation.updated_at) >= since, col(Conversation.updated_at) <= cutoff)
             .order_by(col(Conversation.updated_at), col(Conversation.id))
             .limit(_BATCH)
         )
@@ -132,6 +132,8 @@ async def prune_idle_sessions(
         if len(rows) < _BATCH:
             break
         after = (rows[-1].updated_at, rows[-1].id)
+        # Progress survives a run cut short by its timeout (a first run over a month of conversations).
+        await store.set(PRUNE_MARK, after[0].isoformat(), ttl=SEQ_TTL)
     if since < cutoff:
         await store.set(PRUNE_MARK, cutoff.isoformat(), ttl=SEQ_TTL)
     if pruned:
@@ -174,21 +176,21 @@ async def _prune_one(
 
 
 async def refresh_faq(
-    *,
-    db: Database,
-    store: StateStore,
-    retriever_holder: RetrieverHolder,
-    cache: FaqCache,
-    warm: int = 20,
+    *, db: Database, retriever_holder: RetrieverHolder, cache: FaqCache, warm: int = 20
 ) -> JobResult:
     """Rebuild the FAQ cache and index, then look up the ``warm`` most-asked entries through the cache.
 
-    A rebuild writes every phrasing, so warming is a check that the questions customers ask most are
-    served from the cache; one that is not (disabled, or its phrasing now belongs to another entry) is
-    logged and reported as ``cold``.
+    What :func:`~core.faq.service.refresh_faq_cache` does, through this process's ``cache``: its
+    remembered generation moves at once, where another instance would serve misses for up to its
+    ``generation_ttl``. A rebuild writes every phrasing, so warming is a check that the questions
+    customers ask most are served from the cache; one that is not (disabled, or its phrasing now
+    belongs to another entry) is logged and reported as ``cold``.
     """
-    count = await refresh_faq_cache(db=db, store=store, retriever_holder=retriever_holder)
-    entries = await FaqRepository(db=db).list(enabled_only=True)
+    repository = FaqRepository(db=db)
+    fingerprint = await repository.fingerprint()
+    entries = await repository.list(enabled_only=True)
+    await cache.rebuild(entries, fingerprint=fingerprint)
+    await retriever_holder.rebuild(entries, fingerprint=fingerprint)
     hits: dict[int, int] = {}
     ids = [e.id for e in entries if e.id is not None]
     for start in range(0, len(ids), _CONCURRENCY):
@@ -201,7 +203,7 @@ async def refresh_faq(
     cold = [entry.id for entry, ok in zip(top, served, strict=True) if not ok]
     if cold:
         log.warning("most-asked FAQ entries not served from the cache: %s", cold)
-    return {"entries": count, "warmed": len(top) - len(cold), "cold": cold, "top": [e.id for e in top]}
+    return {"entries": len(entries), "warmed": len(top) - len(cold), "cold": cold, "top": [e.id for e in top]}
 
 
 async def _served(cache: FaqCache, entry: FaqEntry) -> bool:
@@ -331,13 +333,15 @@ async def _release(db: Database, conversation_id: int, cutoff: datetime) -> bool
 # --- inbox ------------------------------------------------------------------------------------------
 
 
-async def inbox_stats(*, inbox: Inbox, dead_letter_limit: int = 10_000) -> JobResult:
-    """Entries waiting or in progress, and dead letters (counted up to ``dead_letter_limit``)."""
+async def inbox_stats(*, inbox: Inbox, dead_letter_limit: int = 1000) -> JobResult:
+    """Entries waiting or in progress, and dead letters, counted up to ``dead_letter_limit`` (the inbox
+    can only list them, and reading thousands of messages every few seconds costs more than the exact
+    number is worth; ``dead_letters_capped`` says the count stopped there)."""
     depth = await inbox.depth()
     dead = len(await inbox.dead_letters(limit=dead_letter_limit))
     if dead:
-        log.warning("%d messages in the dead-letter list", dead)
-    return {"depth": depth, "dead_letters": dead}
+        log.warning("%d%s messages in the dead-letter list", dead, "+" if dead >= dead_letter_limit else "")
+    return {"depth": depth, "dead_letters": dead, "dead_letters_capped": dead >= dead_letter_limit}
 
 
 def notify_through(senders: SenderRegistry) -> Notifier:
@@ -379,9 +383,7 @@ def standard_jobs(
         )
 
     async def faq() -> JobResult:
-        return await refresh_faq(
-            db=runtime.db, store=runtime.store, retriever_holder=runtime.faq_index, cache=runtime.faq_cache
-        )
+        return await refresh_faq(db=runtime.db, retriever_holder=runtime.faq_index, cache=runtime.faq_cache)
 
     async def audit() -> JobResult:
         return await purge_audit(audit=runtime.audit, retention_days=settings.audit_retention_days)

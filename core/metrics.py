@@ -31,6 +31,9 @@ exposes exactly kefu's metrics plus the process's CPU/memory, and tests read val
 ``kefu_scheduler_leader``                           1 in the process that runs the jobs
 ==================================================  ======================================================
 
+:class:`MeteredModel` wraps a model backend and records every call (duration, tokens, errors) without a
+line in the engine. :func:`serve_metrics` exposes the registry from a process without the gateway.
+
 Counters are per process: sum them across processes in PromQL. Values read from the shared store
 (job status, dead letters) are the same in every process: take ``max``.
 """
@@ -40,7 +43,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime
 
 from prometheus_client import (
@@ -50,15 +53,18 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from core.breaker import BreakerState, CircuitBreaker
-from core.llm.base import Usage
+from core.errors import LLMError
+from core.llm.base import ChatChunk, ChatModel, ChatRequest, ModelInfo, Usage
 
 __all__ = [
     "REGISTRY",
+    "MeteredModel",
     "dead_lettered",
     "fallback_used",
     "faq_cache_lookup",
@@ -70,6 +76,7 @@ __all__ = [
     "observe_inbox",
     "observe_job_statuses",
     "reply_sent",
+    "serve_metrics",
     "tool_called",
     "track_breaker",
 ]
@@ -222,6 +229,42 @@ def dead_lettered() -> None:
     INBOX_DEAD_LETTERED.inc()
 
 
+class MeteredModel(ChatModel):
+    """``model`` with every call measured: duration, token usage, failures by error class.
+
+    Wrap the backend inside the concurrency bound (``BoundedModel(MeteredModel(backend), ...)``) so the
+    duration is the server's, not the wait for a free slot. A stream the caller abandons is not a failure.
+    """
+
+    def __init__(self, model: ChatModel) -> None:
+        self.inner = model
+        self.name = model.name
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        started = time.perf_counter()
+        try:
+            async for chunk in self.inner.stream(request):
+                if chunk.done:
+                    # Recorded before the final chunk is handed on: a caller may stop reading there.
+                    model_call(
+                        time.perf_counter() - started, chunk.response.usage if chunk.response else None
+                    )
+                yield chunk
+        except LLMError as exc:
+            model_call(time.perf_counter() - started, ok=False)
+            model_error(exc)
+            raise
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    async def info(self) -> ModelInfo:
+        return await self.inner.info()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 # --- values read at scrape time ------------------------------------------------------------------------
 
 
@@ -283,3 +326,16 @@ class _BreakerCollector(Collector):
 
 
 REGISTRY.register(_BreakerCollector())
+
+
+def serve_metrics(*, port: int, host: str = "127.0.0.1") -> Callable[[], None]:
+    """Serve :data:`REGISTRY` on ``http://host:port/metrics`` from a thread, for a process without the
+    gateway (``kefu worker``); returns the function that stops the server."""
+    server, thread = start_http_server(port, addr=host, registry=REGISTRY)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5.0)
+
+    return stop

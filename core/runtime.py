@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
+from core import metrics
 from core.audit import AuditLog
 from core.breaker import CircuitBreaker
 from core.context import ContextBudget, ContextBuilder
@@ -75,7 +76,7 @@ class Runtime:
             store = await stack.enter_async_context(build_store(redis_url=settings.redis_url))
             # Every model call of this process (answers and summaries) shares one bound.
             chat_model: ChatModel = BoundedModel(
-                await stack.enter_async_context(model or build_model(settings)),
+                metrics.MeteredModel(await stack.enter_async_context(model or build_model(settings))),
                 limit=settings.max_concurrent_model_calls,
             )
             keyring = await asyncio.to_thread(keyring_from_settings, settings)
@@ -93,6 +94,10 @@ class Runtime:
             tools = default_registry(faq_index=faq_index)
             guard = await asyncio.to_thread(InputGuard.load)
             system_prompt = load_system_prompt(settings.system_prompt_file)
+            breaker = CircuitBreaker(
+                failure_threshold=3, window=60.0, cooldown=30.0, probe_timeout=2 * settings.llm_timeout
+            )
+            metrics.track_breaker(breaker)
             num_ctx = settings.num_ctx
             if settings.llm_backend == "llamacpp":
                 num_ctx = min(num_ctx, EMBEDDED_MAX_CTX)
@@ -119,9 +124,7 @@ class Runtime:
                 guard=guard,
                 faq_cache=faq_cache,
                 fallback=FaqFallback(retriever_holder=faq_index),
-                breaker=CircuitBreaker(
-                    failure_threshold=3, window=60.0, cooldown=30.0, probe_timeout=2 * settings.llm_timeout
-                ),
+                breaker=breaker,
                 audit=audit,
                 moderator=await asyncio.to_thread(
                     OutputModerator.load,
