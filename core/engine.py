@@ -29,7 +29,8 @@ from core.faq.cache import FaqCache
 from core.faq.fallback import FaqFallback, keep_for_followup
 from core.guards import InputGuard, neutralize_control_tokens
 from core.guards.output_guard import OutputModerator, pinned_values
-from core.handoff import PAUSED_STATES
+from core.handoff import PAUSED_STATES, customer_request, maybe_request_human
+from core.handoff_intent import wants_human
 from core.llm.base import ChatMessage, ChatModel, ChatRequest, ChatResponse, ToolCall
 from core.memory import add_note, extract_facts
 from core.messages import (
@@ -200,6 +201,36 @@ class Engine:
             log.info("conversation is with a person; no bot answer", extra=_log_extra(message))
             yield ReplyDone(reply=self._reply(message, "", ReplySource.SYSTEM))
             return
+        if wants_human(text, message.extras):
+            # The customer asked for a person: no guard, no model; pause the bot and say so.
+            await customer_request(
+                conversations,
+                conversation_id=conversation.id,
+                key=message.key,
+                message_id=message.message_id,
+                text=text,
+            )
+            await self._record(
+                "handoff",
+                conversation.id,
+                f"customer:{message.key.channel}:{message.user_id}",
+                {"action": "requested", "trigger": "customer"},
+            )
+            notice = fixed_text("handoff_waiting", message.language)
+            await conversations.append(
+                conversation.id,
+                [
+                    Message(
+                        conversation_id=conversation.id,
+                        role="assistant",
+                        content=notice,
+                        source=ReplySource.SYSTEM.value,
+                        meta={"handoff": "requested", "trigger": "customer"},
+                    )
+                ],
+            )
+            yield ReplyDone(reply=self._reply(message, notice, ReplySource.SYSTEM))
+            return
         turn = _Turn(rows=[], pinned=extract_facts(text, conversation.pinned))
         started = time.perf_counter()
         async for delta in self._respond(message, conversation, history, text, turn):
@@ -218,6 +249,25 @@ class Engine:
             )
         )
         await conversations.append(conversation.id, turn.rows)
+        trigger = await maybe_request_human(
+            conversations, conversation_id=conversation.id, key=message.key, message_id=message.message_id
+        )
+        if trigger is not None:
+            notice = fixed_text("handoff_waiting", message.language)
+            await conversations.append(
+                conversation.id,
+                [
+                    Message(
+                        conversation_id=conversation.id,
+                        role="assistant",
+                        content=notice,
+                        source=ReplySource.SYSTEM.value,
+                        meta={"handoff": "requested", "trigger": trigger},
+                    )
+                ],
+            )
+            await self._record("handoff", conversation.id, "bot", {"action": "requested", "trigger": trigger})
+            turn.answer = f"{turn.answer}\n\n{notice}"
         if turn.pinned != conversation.pinned:
             await conversations.update(conversation.id, pinned=turn.pinned)
         await self._record(

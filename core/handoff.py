@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -22,20 +25,31 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.conversations import ConversationStore
 from core.db.database import Database
-from core.db.models import Conversation, CustomerIdentity, Ticket, utcnow
+from core.db.models import Conversation, CustomerIdentity, Message, Ticket, utcnow
 from core.errors import DatabaseError
 from core.messages import ConversationKey
 
+if TYPE_CHECKING:
+    from core.audit import AuditLog
+    from core.delivery import SenderRegistry
+    from core.stores.base import StateStore
+
 __all__ = [
+    "AGENT",
     "BOT",
     "PAUSED_STATES",
     "WAITING",
     "OpenedTicket",
+    "customer_request",
+    "expire_handoffs",
     "idempotency_key",
     "is_bot_paused",
+    "maybe_request_human",
     "open_ticket",
     "release",
     "request_human",
+    "return_to_bot",
+    "take_over",
 ]
 
 log = logging.getLogger(__name__)
@@ -190,3 +204,155 @@ async def _set_state(db: Database, conversation_id: int, *, to: str, only_from: 
     if changed:
         log.info("conversation state -> %s", to, extra={"conversation_id": conversation_id})
     return changed
+
+
+# --- the agent console and the engine's hand-off triggers ------------------------------------------
+
+
+async def take_over(conversations: ConversationStore, conversation_id: int) -> bool:
+    """A person takes the conversation (``bot`` or ``waiting`` → ``agent``); False when already held."""
+    return await _set_state(conversations.db, conversation_id, to=AGENT, only_from=(BOT, WAITING))
+
+
+async def return_to_bot(conversations: ConversationStore, conversation_id: int) -> bool:
+    """Hand the conversation back to the bot (``waiting``/``agent`` → ``bot``); False when not paused."""
+    return await _set_state(conversations.db, conversation_id, to=BOT, only_from=tuple(PAUSED_STATES))
+
+
+async def customer_request(
+    conversations: ConversationStore,
+    *,
+    conversation_id: int,
+    key: ConversationKey,
+    message_id: str,
+    text: str,
+) -> OpenedTicket:
+    """The customer asked for a person (:func:`core.handoff_intent.wants_human`): pause the bot.
+
+    Idempotent per message, so a re-processed message finds the same ticket.
+    """
+    return await request_human(
+        conversations,
+        conversation_id=conversation_id,
+        reason=f"customer asked for a person: {' '.join(text.split())[:200]}",
+        idempotency_key=idempotency_key("handoff", str(key), message_id),
+    )
+
+
+def _final_answers(rows: Sequence[Message]) -> list[Message | None]:
+    """Per customer turn (oldest first), the answer the customer saw; None where a person replied."""
+    answers: list[Message | None] = []
+    for row in rows:
+        if row.role == "user":
+            answers.append(None)
+            current: Message | None = None
+            person = False
+            continue
+        if not answers:
+            continue
+        if row.role == "agent":
+            person = True
+        elif row.role == "assistant" and not row.tool_calls:
+            current = row
+        answers[-1] = None if person else current
+    return answers
+
+
+def _blocked(answer: Message) -> bool:
+    return "guard" in answer.meta
+
+
+def _unsure(answer: Message, min_confidence: float) -> bool:
+    if answer.meta.get("fallback") == "unknown":
+        return True
+    confidence = answer.meta.get("confidence")
+    return (
+        answer.meta.get("fallback") == "faq"
+        and isinstance(confidence, int | float)
+        and (confidence < min_confidence)
+    )
+
+
+async def maybe_request_human(
+    conversations: ConversationStore,
+    *,
+    conversation_id: int,
+    key: ConversationKey,
+    message_id: str,
+    guard_blocks: int = 3,
+    unsure_answers: int = 2,
+    min_confidence: float = 0.5,
+) -> str | None:
+    """After a turn is stored: ask for a person when the bot keeps failing the customer.
+
+    Looks at the latest answers in the transcript: ``guard_blocks`` input-guard refusals in a row, or
+    ``unsure_answers`` fallback answers in a row that were the "unknown" apology or an FAQ answer below
+    ``min_confidence``. A hand-off notice or a person's reply ends a streak, so a conversation handed
+    back to the bot starts counting afresh. Returns the trigger (``"guard_blocks"`` or
+    ``"low_confidence"``) when the conversation moved to ``waiting``, else None; the engine then adds
+    the ``handoff_waiting`` text to its answer.
+
+    Reading the stored transcript keeps no extra state, so it works the same in every process.
+    """
+    conversation = await conversations.get_by_id(conversation_id)
+    if conversation is None or conversation.state != BOT:
+        return None
+    window = max(guard_blocks, unsure_answers) + 1
+    rows = await conversations.recent_messages(conversation_id, turns=window)
+    answers = _final_answers(rows)
+    blocked = unsure = 0
+    for answer in reversed(answers):
+        if answer is None or "handoff" in answer.meta:
+            break
+        if _blocked(answer) and unsure == 0:
+            blocked += 1
+        elif _unsure(answer, min_confidence) and blocked == 0:
+            unsure += 1
+        else:
+            break
+    trigger = None
+    if blocked >= guard_blocks:
+        trigger, reason = "guard_blocks", f"{blocked} messages in a row refused by the input guard"
+    elif unsure >= unsure_answers:
+        trigger, reason = "low_confidence", f"{unsure} answers in a row the bot was not sure of"
+    if trigger is None:
+        return None
+    await request_human(
+        conversations,
+        conversation_id=conversation_id,
+        reason=reason,
+        idempotency_key=idempotency_key("handoff", str(key), message_id, trigger),
+    )
+    log.info("hand-off requested: %s", trigger, extra={"conversation": str(key)})
+    return trigger
+
+
+async def expire_handoffs(
+    conversations: ConversationStore,
+    *,
+    store: StateStore,
+    senders: SenderRegistry,
+    waited_longer_than: timedelta,
+    audit: AuditLog | None = None,
+    now: datetime | None = None,
+    limit: int = 100,
+) -> dict[str, Any]:
+    """Give conversations nobody took within ``waited_longer_than`` back to the bot; tell each customer.
+
+    The customer gets the ``handoff_timeout`` text through the platform sender of their channel (and in
+    the transcript); the hand-off ticket stays open for a follow-up. Returns what it did (``released``,
+    ``notified``, ``notify_failed``), for the scheduler. A thin front to
+    :func:`core.jobs.release_stale_handoffs`, which the standard ``release_handoffs`` job runs.
+    """
+    # Imported here: core.jobs imports this module.
+    from core.jobs import notify_through, release_stale_handoffs
+
+    return await release_stale_handoffs(
+        conversations=conversations,
+        store=store,
+        waited_longer_than=waited_longer_than,
+        notify=notify_through(senders),
+        audit=audit,
+        now=now,
+        limit=limit,
+    )

@@ -166,22 +166,27 @@ async def test_start_and_help_answer_in_the_users_language_without_the_model(
     assert model.requests == []
 
 
-async def test_human_goes_to_the_engine_and_photos_get_a_text_only_notice(
+async def test_human_pauses_the_bot_and_photos_get_a_text_only_notice(
     tmp_path: Path, fake_api: FakeBotAPI, model: FunctionModel
 ) -> None:
     photo = [{"file_id": "f", "file_unique_id": "u", "width": 90, "height": 90}]
     async with gateway(telegram_settings(tmp_path, fake_api), model) as gw:
-        await gw.post(private_message(1, "/human my parcel is broken"))
-        await gw.post(private_message(2, None, photo=photo, language_code="en"))
+        await gw.post(private_message(1, None, photo=photo, language_code="en"))
+        await gw.post(private_message(2, "/human my parcel is broken"))
         edited = private_message(3, "edited question")
         await gw.post({"update_id": 3, "edited_message": {**edited["message"], "edit_date": 1}})
-        await answered(gw, fake_api, 4, "last")
+        await gw.post(private_message(4, "is anyone there?"))
+        for _ in range(500):  # until the worker has taken every accepted update
+            if await gw.runtime.inbox.depth() == 0 and len(fake_api.chat_texts(USER_ID)) >= 2:
+                break
+            await asyncio.sleep(0.02)
 
+    # /human pauses the bot: the customer is told, and the next message waits for a person.
     assert fake_api.chat_texts(USER_ID) == [
-        "About «/human my parcel is broken»: orders ship in 2 days & cost < 5 € > 0.",
         fixed_text("telegram_text_only", "en"),
-        "About «last»: orders ship in 2 days & cost < 5 € > 0.",
+        fixed_text("handoff_waiting", "en"),
     ]
+    assert model.requests == []
 
 
 async def test_bad_bodies_get_4xx_and_nothing_is_sent(
