@@ -6,6 +6,11 @@ in this process (embedded default); ``RedisStore`` shares it between processes. 
 (``tests/core/test_stores.py``) runs against both.
 
 Values are ``str``; callers serialise. TTLs are seconds (float allowed).
+
+Publish/subscribe (:meth:`StateStore.publish`, :meth:`StateStore.subscribe`) carries live notices
+between processes, such as the web chat's answer frames from the worker that wrote them to the gateway
+holding the browser's socket. It is fire and forget, as in Redis: a message reaches the subscriptions
+open when it is published and nobody else, so anything that must survive a disconnect is also stored.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from types import TracebackType
+from typing import Literal
 
 from core.errors import LockError
 
@@ -59,6 +66,12 @@ class StoreLock(ABC):
             try:
                 still_ours = await self.extend()
             except Exception:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # The holder is leaving and cancelled us mid-call; redis-py may turn that
+                    # cancellation into a connection error, which must not keep this loop (and the
+                    # holder's __aexit__, which awaits it) alive forever.
+                    raise asyncio.CancelledError from None
                 log.warning("could not renew lock %s", self.name, exc_info=True)
                 continue
             if not still_ours:
@@ -84,6 +97,86 @@ class StoreLock(ABC):
                 await self._renewer
             self._renewer = None
         await self.release()
+
+
+class Subscription(ABC):
+    """Messages published on some channels after the subscription opened, in the order published.
+
+    ``async with store.subscribe("a", "b") as sub:`` subscribes on entry (a message published after
+    ``__aenter__`` returned is delivered) and unsubscribes on exit, freeing the connection or queue.
+    ``async for message in sub`` yields the messages until the subscription is closed; :meth:`get` waits
+    for one with a time limit. Read it from one task; close it from that task, or after cancelling it.
+    """
+
+    def __init__(self, channels: Sequence[str]) -> None:
+        if not channels:
+            raise ValueError("subscribe to at least one channel")
+        self.channels = tuple(dict.fromkeys(channels))
+        self._state: Literal["new", "open", "closed"] = "new"
+
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
+
+    @abstractmethod
+    async def _open(self) -> None:
+        """Subscribe; return only once the subscription is in place."""
+
+    @abstractmethod
+    async def _receive(self, wait: float | None) -> str | None:
+        """The next message, or None when ``wait`` seconds passed (or the subscription was closed)."""
+
+    @abstractmethod
+    async def _close(self) -> None:
+        """Unsubscribe and free what the subscription holds."""
+
+    async def open(self) -> Subscription:
+        """Subscribe now (``async with`` does this); messages published from here on are delivered."""
+        if self._state == "closed":
+            raise RuntimeError("subscription already closed")
+        if self._state == "new":
+            await self._open()
+            self._state = "open"
+        return self
+
+    async def get(self, *, wait: float | None = None) -> str | None:
+        """The next message, waiting up to ``wait`` seconds (None: until one comes).
+
+        None when the time passed without a message or the subscription is closed.
+        """
+        if self._state == "new":
+            raise RuntimeError("subscription not open: use 'async with store.subscribe(...)'")
+        if self._state == "closed":
+            return None
+        return await self._receive(wait)
+
+    async def aclose(self) -> None:
+        """Unsubscribe; further reads return nothing. Closing twice is harmless."""
+        if self._state == "closed":
+            return
+        opened = self._state == "open"
+        self._state = "closed"
+        if opened:
+            await self._close()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> str:
+        message = await self.get()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    async def __aenter__(self) -> Subscription:
+        try:
+            return await self.open()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
 
 class StateStore(ABC):
@@ -114,6 +207,17 @@ class StateStore(ABC):
     @abstractmethod
     def lock(self, name: str, *, ttl: float = 30.0, wait: float | None = 60.0) -> StoreLock:
         """A lock named ``name`` (not yet acquired): use ``async with``."""
+
+    @abstractmethod
+    async def publish(self, channel: str, message: str) -> int:
+        """Send ``message`` to the open subscriptions of ``channel``; returns how many got it.
+
+        Nothing is stored: with no subscriber the message is dropped and the result is 0.
+        """
+
+    @abstractmethod
+    def subscribe(self, *channels: str) -> Subscription:
+        """A subscription to ``channels`` (not yet open): ``async with store.subscribe(...) as sub``."""
 
     @abstractmethod
     async def ping(self) -> bool:

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
+from collections.abc import Sequence
 
 from core.errors import StoreError
-from core.stores.base import StateStore, StoreLock
+from core.stores.base import StateStore, StoreLock, Subscription
+
+log = logging.getLogger(__name__)
 
 # Expired entries are dropped lazily on access; a full sweep at most this often bounds the memory held
 # by keys nobody reads again (dedupe marks, mostly).
 _SWEEP_EVERY = 1.0
+
+
+# A subscriber this far behind is not reading; newer messages are dropped for it (Redis would cut such a
+# client off at its pub/sub output buffer limit) rather than letting its queue grow without bound.
+MAX_PENDING = 10_000
 
 
 def _check_ttl(ttl: float | None) -> None:
@@ -85,6 +94,53 @@ class MemoryLock(StoreLock):
         return self._token is not None and holder is not None and holder[0] == self._token
 
 
+class MemorySubscription(Subscription):
+    """A subscription to channels of a :class:`MemoryStore`: one queue, filled by ``publish``."""
+
+    def __init__(self, store: MemoryStore, channels: Sequence[str]) -> None:
+        super().__init__(channels)
+        self._store = store
+        # None wakes a reader when the subscription closes.
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=MAX_PENDING)
+        self._dropped = 0
+
+    def _deliver(self, message: str) -> bool:
+        try:
+            self._queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self._dropped += 1
+            if self._dropped == 1 or self._dropped % 1000 == 0:
+                log.warning(
+                    "subscriber to %s is not reading; %d messages dropped", self.channels, self._dropped
+                )
+            return False
+        return True
+
+    async def _open(self) -> None:
+        for channel in self.channels:
+            self._store._subscribers.setdefault(channel, set()).add(self)
+
+    async def _receive(self, wait: float | None) -> str | None:
+        try:
+            async with asyncio.timeout(wait):
+                return await self._queue.get()
+        except TimeoutError:
+            return None
+
+    async def _close(self) -> None:
+        subscribers = self._store._subscribers
+        for channel in self.channels:
+            listeners = subscribers.get(channel)
+            if listeners is not None:
+                listeners.discard(self)
+                if not listeners:
+                    del subscribers[channel]
+        # Unread messages go with the subscription.
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
+
+
 class MemoryStore(StateStore):
     """Key/value with TTL, counters and locks in this process's memory.
 
@@ -100,6 +156,7 @@ class MemoryStore(StateStore):
         self._locks: dict[str, tuple[str, float]] = {}
         self._lock_changed = asyncio.Condition()
         self._last_sweep = time.monotonic()
+        self._subscribers: dict[str, set[MemorySubscription]] = {}
 
     def _live(self, key: str, now: float) -> tuple[str, float | None] | None:
         entry = self._data.get(key)
@@ -179,6 +236,15 @@ class MemoryStore(StateStore):
     def lock(self, name: str, *, ttl: float = 30.0, wait: float | None = 60.0) -> MemoryLock:
         """A lock named ``name`` (not yet acquired): use ``async with``."""
         return MemoryLock(self, name, ttl=ttl, wait=wait)
+
+    async def publish(self, channel: str, message: str) -> int:
+        """Send ``message`` to the open subscriptions of ``channel``; returns how many got it."""
+        listeners = self._subscribers.get(channel, ())
+        return sum(subscription._deliver(message) for subscription in list(listeners))
+
+    def subscribe(self, *channels: str) -> MemorySubscription:
+        """A subscription to ``channels`` (not yet open): ``async with store.subscribe(...) as sub``."""
+        return MemorySubscription(self, channels)
 
     async def ping(self) -> bool:
         """Always True: the store is this process."""

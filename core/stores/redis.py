@@ -4,23 +4,32 @@ Locks are redis-py's ``Lock`` (a random owner token set with ``SET NX PX``; rele
 scripts that compare the token first), so a holder whose lock expired can never release or extend the
 lock somebody else has taken since. Every redis-py error leaves this module as a
 :class:`~core.errors.StoreError` (:class:`~core.errors.LockError` for lock failures).
+
+Publish/subscribe is Redis ``PUBLISH``/``SUBSCRIBE`` with the key prefix on the channel names. Redis
+channels are global to the server, not per database number: the prefix is what keeps two deployments
+sharing one Redis apart. Each open :class:`RedisSubscription` holds one connection of the pool; after a
+dropped connection redis-py reconnects and subscribes again (messages published in between are lost).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from core.errors import ConfigError, LockError, StoreError
-from core.stores.base import StateStore, StoreLock
+from core.stores.base import StateStore, StoreLock, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +120,63 @@ class RedisLock(StoreLock):
             return await self._lock.owned()
 
 
+# A blocked read wakes this often, so the connection's health check runs and a silently dead
+# connection is noticed instead of waiting forever.
+_READ_SLICE = 5.0
+
+
+class RedisSubscription(Subscription):
+    """A :class:`Subscription` on a Redis ``PubSub`` connection; channel names carry the store's prefix."""
+
+    def __init__(self, store: RedisStore, channels: Sequence[str]) -> None:
+        super().__init__(channels)
+        self._keys = {store.key(channel): channel for channel in self.channels}
+        self._pubsub: PubSub = store.client.pubsub()
+        self._early: deque[str] = deque()
+
+    async def _open(self) -> None:
+        with _mapped("SUBSCRIBE"):
+            await self._pubsub.subscribe(*self._keys)
+            # SUBSCRIBE returns once sent; a message published before Redis processed it would be
+            # missed. Its confirmations come first on this connection, so wait for them.
+            confirmed: set[str] = set()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30.0
+            while confirmed != set(self._keys):
+                if loop.time() > deadline:
+                    raise StoreError(f"redis did not confirm the subscription to {sorted(self._keys)}")
+                reply = await self._pubsub.get_message(timeout=1.0)
+                if reply is None:
+                    continue
+                if reply["type"] == "subscribe":
+                    confirmed.add(_text(reply["channel"]) or "")
+                elif reply["type"] == "message":
+                    # Published on a channel already confirmed: it is the subscriber's.
+                    self._early.append(_text(reply["data"]) or "")
+
+    async def _receive(self, wait: float | None) -> str | None:
+        if self._early:
+            return self._early.popleft()
+        loop = asyncio.get_running_loop()
+        deadline = None if wait is None else loop.time() + wait
+        while not self.closed:
+            read_for = _READ_SLICE if deadline is None else min(_READ_SLICE, max(0.0, deadline - loop.time()))
+            with _mapped("pub/sub read"):
+                reply: dict[str, Any] | None = await self._pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=read_for
+                )
+            if reply is not None and reply["type"] == "message":
+                return _text(reply["data"])
+            if deadline is not None and loop.time() >= deadline:
+                return None
+        return None
+
+    async def _close(self) -> None:
+        self._early.clear()
+        # Dropping the connection ends its subscriptions in Redis; no UNSUBSCRIBE round trip needed.
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
 class RedisStore(StateStore):
     """Key/value with TTL, counters and locks in Redis, under a key prefix.
 
@@ -192,6 +258,15 @@ class RedisStore(StateStore):
     def lock(self, name: str, *, ttl: float = 30.0, wait: float | None = 60.0) -> RedisLock:
         """A lock named ``name`` (not yet acquired): use ``async with``."""
         return RedisLock(self.client, self.key(f"lock:{name}"), name, ttl=ttl, wait=wait)
+
+    async def publish(self, channel: str, message: str) -> int:
+        """Send ``message`` to the subscriptions of ``channel`` in every process; returns how many got it."""
+        with _mapped("PUBLISH"):
+            return int(await self.client.publish(self.key(channel), message))
+
+    def subscribe(self, *channels: str) -> RedisSubscription:
+        """A subscription to ``channels`` (not yet open): ``async with store.subscribe(...) as sub``."""
+        return RedisSubscription(self, channels)
 
     async def ping(self) -> bool:
         """True when Redis answers; False (logged) when it cannot be reached."""

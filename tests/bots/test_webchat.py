@@ -56,7 +56,9 @@ def test_a_message_streams_deltas_then_the_reply_and_both_are_stored(client: Tes
     assert all(d["id"] == "c1" for d in deltas)
     assert reply["id"] == "c1"
     assert reply["text"] == "您好，关于「我的订单到哪了」: here is the answer."
-    assert "".join(d["text"] for d in deltas).strip() == reply["text"]
+    # The streamed draft is the start of the answer (the output moderator holds back the last few
+    # characters); the final reply replaces it.
+    assert reply["text"].startswith("".join(d["text"] for d in deltas))
     assert reply["source"] == "model"
     assert reply["lang"] == "zh"
     assert transcript(client, SESSION_A) == [("user", "我的订单到哪了"), ("assistant", reply["text"])]
@@ -72,7 +74,8 @@ def test_the_final_reply_replaces_the_streamed_text(settings: Settings) -> None:
         client.websocket_connect(f"/ws?session={SESSION_A}") as ws,
     ):
         deltas, reply = exchange(ws, "hello", "c1")
-    assert "".join(d["text"] for d in deltas) == "}}}}}}}}"
+    # whatever draft was streamed is the model's text (the moderator may hold the tail back) ...
+    assert "}}}}}}}}".startswith("".join(d["text"] for d in deltas))
     # the engine replaced the unusable answer (apology or FAQ fallback): the reply frame carries it
     assert reply["source"] != "model"
     assert reply["text"].strip() and "}}" not in reply["text"]

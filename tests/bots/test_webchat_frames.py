@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
 from adapters import webchat
 from core.messages import ConversationKey, Reply, ReplyDelta, ReplyDone, ReplySource
+from core.stores.memory import MemoryStore
 
 SESSION = "abcDEF12_-"
 
@@ -16,7 +18,8 @@ def test_a_message_frame_becomes_an_inbound_message_of_the_session() -> None:
     message = webchat.to_inbound(SESSION, {"type": "message", "id": "m-1", "text": "我的订单到哪了"})
     assert message.key == ConversationKey(channel="web", chat_id=SESSION)
     assert message.user_id == SESSION
-    assert message.message_id == "m-1"
+    # The platform id carries the session: "m-1" in another browser is another message.
+    assert message.message_id == f"{SESSION}:m-1"
     assert message.text == "我的订单到哪了"
     assert message.language == "zh"
 
@@ -98,3 +101,55 @@ def test_reply_events_render_to_frames() -> None:
     }
     # Chinese goes over the wire as UTF-8, not \\u escapes
     assert webchat.encode(webchat.reply_frame(done)).count("您好") == 1
+
+
+def test_replies_name_the_pages_own_message_id() -> None:
+    message = webchat.to_inbound(SESSION, {"id": "m-7", "text": "hi"})
+    assert webchat.client_id_of(message.message_id) == "m-7"
+    assert webchat.delta_frame(ReplyDelta(text="h"), in_reply_to=message.message_id)["id"] == "m-7"
+    assert webchat.held_frame(message.message_id) == {"type": "held", "id": "m-7"}
+    assert webchat.client_id_of(None) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "since"), [(None, None), ("0", 0), ("42", 42), ("-1", None), ("x", None), ("9" * 40, None)]
+)
+def test_since_is_a_reply_number_or_absent(value: str | None, since: int | None) -> None:
+    assert webchat.parse_since(value) == since
+
+
+def reply(n: int, text: str = "") -> Reply:
+    key = ConversationKey(channel="web", chat_id=SESSION)
+    return Reply(key=key, text=text or f"answer {n}", language="en", in_reply_to=f"{SESSION}:m{n}")
+
+
+async def test_sent_replies_are_numbered_and_kept_for_a_reconnecting_page() -> None:
+    store = MemoryStore()
+    sender = webchat.WebChatSender(store=store)
+    for n in range(1, 4):
+        await sender.send(reply(n))
+    await sender.send(reply(4).model_copy(update={"text": ""}))  # a person has it: nothing to show
+
+    kept = await webchat.read_backlog(store, SESSION, since=1)
+    assert [seq for seq, _ in kept] == [2, 3]
+    assert [json.loads(raw)["id"] for _, raw in kept] == ["m2", "m3"]
+    assert await webchat.read_backlog(store, SESSION, since=3) == []
+    # A page that saw more than exist saw an earlier numbering (it expired): it gets everything kept.
+    assert [seq for seq, _ in await webchat.read_backlog(store, SESSION, since=99)] == [1, 2, 3]
+    assert await webchat.read_backlog(store, "otherSession1", since=0) == []
+
+
+async def test_a_reconnect_replays_at_most_the_latest_replies() -> None:
+    store = MemoryStore()
+    sender = webchat.WebChatSender(store=store)
+    for n in range(1, webchat.BACKLOG_SIZE + 11):
+        await sender.send(reply(n))
+    kept = await webchat.read_backlog(store, SESSION, since=0)
+    assert [seq for seq, _ in kept] == list(range(11, webchat.BACKLOG_SIZE + 11))
+
+
+async def test_kept_replies_expire() -> None:
+    store = MemoryStore()
+    await webchat.WebChatSender(store=store, backlog_ttl=0.1).send(reply(1))
+    await asyncio.sleep(0.25)
+    assert await webchat.read_backlog(store, SESSION, since=0) == []

@@ -184,6 +184,72 @@ class TestStateStoreContract:
     async def test_ping(self, store: StateStore) -> None:
         assert await store.ping() is True
 
+    async def test_a_subscriber_gets_what_is_published_after_it_subscribed_in_order(
+        self, store: StateStore
+    ) -> None:
+        # Nobody listens yet: the message is dropped, not kept for a later subscriber.
+        assert await store.publish("webchat:s1", "too early") == 0
+        async with store.subscribe("webchat:s1") as subscription:
+            sent = [f"frame {n} 你好" for n in range(20)]
+            for message in sent:
+                assert await store.publish("webchat:s1", message) == 1
+            received = [await subscription.get(wait=5) for _ in sent]
+            assert received == sent
+            assert await subscription.get(wait=0.2) is None
+
+    async def test_every_subscriber_of_a_channel_gets_each_message(self, store: StateStore) -> None:
+        async with (
+            store.subscribe("webchat:s1") as first,
+            store.subscribe("webchat:s1") as second,
+            store.subscribe("webchat:s2") as other,
+        ):
+            assert await store.publish("webchat:s1", "hello") == 2
+            assert await first.get(wait=5) == "hello"
+            assert await second.get(wait=5) == "hello"
+            assert await other.get(wait=0.2) is None
+
+    async def test_one_subscription_can_listen_on_several_channels(self, store: StateStore) -> None:
+        async with store.subscribe("a", "b") as subscription:
+            assert await store.publish("a", "1") == 1
+            assert await store.publish("b", "2") == 1
+            assert await store.publish("c", "3") == 0
+            assert [await subscription.get(wait=5), await subscription.get(wait=5)] == ["1", "2"]
+
+    async def test_async_iteration_yields_messages_until_closed(self, store: StateStore) -> None:
+        async with store.subscribe("feed") as subscription:
+            for n in range(3):
+                await store.publish("feed", str(n))
+            seen = []
+            async for message in subscription:
+                seen.append(message)
+                if len(seen) == 3:
+                    await subscription.aclose()
+            assert seen == ["0", "1", "2"]
+
+    async def test_closing_a_subscription_stops_delivery_and_frees_it(self, store: StateStore) -> None:
+        async with store.subscribe("webchat:s1") as kept:
+            for _ in range(25):  # many short-lived subscribers, as sockets come and go
+                async with store.subscribe("webchat:s1") as gone:
+                    assert await store.publish("webchat:s1", "both") == 2
+                    assert await gone.get(wait=5) == "both"
+                    assert await kept.get(wait=5) == "both"
+            assert await store.publish("webchat:s1", "only kept") == 1
+            assert await gone.get(wait=0.1) is None
+            assert [message async for message in gone] == []
+            assert await kept.get(wait=5) == "only kept"
+            await gone.aclose()  # closing twice is harmless
+        assert await store.publish("webchat:s1", "nobody") == 0
+
+    async def test_a_subscription_must_be_opened_before_reading(self, store: StateStore) -> None:
+        subscription = store.subscribe("feed")
+        with pytest.raises(RuntimeError):
+            await subscription.get(wait=0)
+        await subscription.aclose()
+        with pytest.raises(RuntimeError):
+            await subscription.open()
+        with pytest.raises(ValueError):
+            store.subscribe()
+
 
 @pytest.mark.redis
 async def test_two_redis_stores_share_dedupe_and_locks() -> None:
@@ -218,6 +284,28 @@ async def test_two_redis_stores_share_dedupe_and_locks() -> None:
         await first.aclose()
         await second.aclose()
         await stranger.aclose()
+        await raw.aclose()
+
+
+@pytest.mark.redis
+async def test_a_message_published_by_one_process_reaches_subscribers_in_another() -> None:
+    prefix = unique_prefix()
+    publisher = RedisStore(url=REDIS_URL, prefix=prefix)
+    subscriber = RedisStore(url=REDIS_URL, prefix=prefix)
+    stranger = RedisStore(url=REDIS_URL, prefix=unique_prefix())
+    raw = Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        async with subscriber.subscribe("webchat:s1") as subscription:
+            assert await publisher.publish("webchat:s1", '{"type": "reply"}') == 1
+            assert await subscription.get(wait=5) == '{"type": "reply"}'
+            # The channel carries the prefix: another deployment on the same Redis does not hear it.
+            assert await raw.pubsub_numsub(f"{prefix}webchat:s1") == [(f"{prefix}webchat:s1", 1)]
+            assert await stranger.publish("webchat:s1", "other deployment") == 0
+            assert await subscription.get(wait=0.2) is None
+        assert await raw.pubsub_numsub(f"{prefix}webchat:s1") == [(f"{prefix}webchat:s1", 0)]
+    finally:
+        for store in (publisher, subscriber, stranger):
+            await store.aclose()
         await raw.aclose()
 
 
@@ -284,6 +372,16 @@ async def test_redis_outage_is_a_store_error_and_a_restart_is_survived() -> None
         proc = await start_redis(port)
         assert await store.ping() is True
         assert await store.set_if_absent("seen:1", "1")
+        async with store.subscribe("feed") as subscription:
+            await stop_redis(proc)
+            proc = await start_redis(port)
+            # The subscription reconnects and subscribes again when it next reads; what was published
+            # while it was away is lost (pub/sub keeps nothing).
+            for _ in range(100):
+                if await store.publish("feed", "after restart") == 1:
+                    break
+                assert await subscription.get(wait=0.05) is None
+            assert await subscription.get(wait=5) == "after restart"
         assert await store.incr("hits") == 1
         async with store.lock("conv:1", ttl=5, wait=0) as lock:
             assert await lock.owned()

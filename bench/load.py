@@ -1,0 +1,295 @@
+"""Load test on loopback: Telegram webhooks into `kefu serve` (Redis, PostgreSQL, a fast scripted model).
+
+Starts the real gateway in a child process (uvicorn, the same app `kefu serve` runs, with an echo model
+instead of inference), a fake Telegram Bot API in this process that records every sendMessage, and
+fires signed webhook updates at the gateway from many concurrent clients. Then it runs a bare echo
+endpoint on the same ASGI server with the same load as the ceiling. Prints sustained inbound messages
+per second, accept latency (webhook POST → 200) and end-to-end latency (POST → sendMessage arriving at
+the fake API) p50/p99, and counts lost and duplicated answers.
+
+    python bench/load.py [--messages 3000] [--chats 1500] [--concurrency 64]
+
+Needs Redis at 127.0.0.1:6379 and PostgreSQL at 127.0.0.1:5432 (a scratch database is created and
+dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "7098765432:AAH-load_test_token_for_kefu_0123456789"
+SECRET = "load-test-secret"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379/11"  # a database of its own, emptied before and after
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- the server side (child process) ----------------------------------------------------------------
+
+
+def serve(mode: str, port: str, api_base: str, database_url: str) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    if mode == "echo":
+
+        async def echo(request: Request) -> Response:
+            json.loads(await request.body())
+            return Response("ok")
+
+        app: Any = Starlette(routes=[Route("/telegram/webhook", echo, methods=["POST"])])
+    else:
+        from bots.gateway import create_app
+        from core.llm.testing import FunctionModel
+        from core.llm.testing import echo as echo_model
+        from core.settings import load_settings
+
+        settings = load_settings(
+            _env_file=None,
+            database_url=database_url,
+            redis_url=REDIS_URL,
+            telegram_token=TOKEN,
+            telegram_webhook_secret=SECRET,
+            telegram_api_base=api_base,
+            faq_embeddings=False,
+            scheduler_enabled=False,
+            rate_limit_per_minute=0,
+            conversation_rate_limit_per_minute=0,
+            log_level="WARNING",
+        )
+        app = create_app(settings, model=FunctionModel(echo_model))
+    uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning", access_log=False)
+
+
+# --- the load side ----------------------------------------------------------------------------------
+
+
+class FakeTelegram:
+    """Answers the Bot API methods the sender uses; records when each answer arrives."""
+
+    def __init__(self) -> None:
+        self.arrivals: dict[str, list[float]] = {}
+        self._next = 1
+
+    async def handle(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        params: dict[str, Any] = (
+            dict(await request.post()) if request.content_type != "application/json" else await request.json()
+        )
+        result: Any = True
+        if method == "getMe":
+            result = {"id": 7098765432, "is_bot": True, "first_name": "kefu", "username": "kefu_load_bot"}
+        elif method in ("sendMessage", "editMessageText"):
+            text = str(params.get("text", ""))
+            if method == "sendMessage":
+                self.arrivals.setdefault(text, []).append(time.perf_counter())
+            self._next += 1
+            result = {
+                "message_id": self._next,
+                "date": int(time.time()),
+                "chat": {"id": int(params.get("chat_id", 0)), "type": "private"},
+                "text": text,
+            }
+        return web.json_response({"ok": True, "result": result})
+
+
+def update(update_id: int, chat: int, text: str) -> dict[str, Any]:
+    person = {"id": chat, "is_bot": False, "first_name": "Load", "language_code": "en"}
+    return {
+        "update_id": update_id,
+        "message": {
+            "message_id": update_id,
+            "date": int(time.time()),
+            "chat": {"id": chat, "type": "private", "first_name": "Load"},
+            "from": person,
+            "text": text,
+        },
+    }
+
+
+async def wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
+    async with httpx.AsyncClient() as client:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise RuntimeError("the server process exited")
+            try:
+                if (await client.get(url)).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} never answered")
+
+
+async def fire(
+    port: int, messages: int, chats: int, concurrency: int, run: str
+) -> tuple[float, list[float], dict[str, float], int]:
+    """POST every update; returns (seconds, accept latencies, send time per expected answer, non-2xx)."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for n in range(messages):
+        queue.put_nowait(n)
+    accept: list[float] = []
+    sent_at: dict[str, float] = {}
+    failures = 0
+    url = f"http://127.0.0.1:{port}/telegram/webhook"
+    headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal failures
+        while not queue.empty():
+            n = queue.get_nowait()
+            text = f"{run} message {n}"
+            started = time.perf_counter()
+            sent_at[f"echo: {text}"] = started
+            response = await client.post(url, json=update(n + 1, 10_000 + n % chats, text), headers=headers)
+            accept.append(time.perf_counter() - started)
+            if response.status_code >= 300:
+                failures += 1
+
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return elapsed, accept, sent_at, failures
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--chats", type=int, default=1500)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--drain-timeout", type=float, default=300.0)
+    args = parser.parse_args()
+
+    fake = FakeTelegram()
+    web_app = web.Application()
+    web_app.router.add_post("/bot{token}/{method}", fake.handle)
+    runner = web.AppRunner(web_app, access_log=None)
+    await runner.setup()
+    api_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", api_port).start()
+
+    db_name = f"kefu_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(PG_ADMIN)
+    await admin.execute(f'CREATE DATABASE "{db_name}"')
+    import redis.asyncio as redis
+
+    await redis.Redis.from_url(REDIS_URL).flushdb()
+    results: dict[str, dict[str, float]] = {}
+    workdir = tempfile.mkdtemp(prefix="kefu-bench-")  # the server's kefu.key goes here
+    try:
+        for mode in ("echo", "kefu"):
+            port = free_port()
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--serve",
+                    mode,
+                    str(port),
+                    f"http://127.0.0.1:{api_port}",
+                    f"postgresql+asyncpg://postgres@127.0.0.1:5432/{db_name}",
+                ],
+                cwd=workdir,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+            try:
+                await wait_healthy(
+                    f"http://127.0.0.1:{port}/" + ("healthz" if mode == "kefu" else "telegram/webhook"), proc
+                )
+                elapsed, accept, sent_at, failures = await fire(
+                    port, args.messages, args.chats, args.concurrency, mode
+                )
+                row = {
+                    "rate": args.messages / elapsed,
+                    "accept_p50": pct(accept, 0.5),
+                    "accept_p99": pct(accept, 0.99),
+                    "non_2xx": float(failures),
+                }
+                if mode == "kefu":
+                    deadline = time.perf_counter() + args.drain_timeout
+                    while time.perf_counter() < deadline and sum(
+                        1 for t in sent_at if t in fake.arrivals
+                    ) < len(sent_at):
+                        await asyncio.sleep(0.2)
+                    answered = [fake.arrivals[t][0] - sent_at[t] for t in sent_at if t in fake.arrivals]
+                    counts = Counter(len(fake.arrivals.get(t, [])) for t in sent_at)
+                    row |= {
+                        "e2e_p50": pct(answered, 0.5) if answered else float("nan"),
+                        "e2e_p99": pct(answered, 0.99) if answered else float("nan"),
+                        "lost": float(counts.get(0, 0)),
+                        "duplicated": float(sum(c for n, c in counts.items() if n > 1)),
+                        "answered_rate": len(answered)
+                        / (
+                            max(fake.arrivals[t][0] for t in sent_at if t in fake.arrivals)
+                            - min(sent_at.values())
+                        )
+                        if answered
+                        else 0.0,
+                    }
+                results[mode] = row
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+    finally:
+        await runner.cleanup()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        await admin.close()
+        await redis.Redis.from_url(REDIS_URL).flushdb()
+
+    echo, kefu = results["echo"], results["kefu"]
+    print(
+        f"{args.messages} Telegram webhook updates, {args.chats} chats, {args.concurrency} concurrent clients"
+    )
+    print(f"{'endpoint':<22} {'msgs/s':>8} {'accept p50':>11} {'accept p99':>11}")
+    for name, row in (("bare echo (ceiling)", echo), ("kefu serve", kefu)):
+        print(f"{name:<22} {row['rate']:>8.0f} {row['accept_p50']:>9.1f}ms {row['accept_p99']:>9.1f}ms")
+    print(
+        f"kefu accepts at {kefu['rate'] / echo['rate']:.0%} of the ceiling; "
+        f"non-2xx answers: {kefu['non_2xx']:.0f}"
+    )
+    print(
+        f"end to end (POST → sendMessage): p50 {kefu['e2e_p50']:.0f} ms, p99 {kefu['e2e_p99']:.0f} ms; "
+        f"answered {kefu['answered_rate']:.0f} msgs/s; "
+        f"lost {kefu['lost']:.0f}, duplicated {kefu['duplicated']:.0f}"
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        serve(*sys.argv[2:6])
+    else:
+        asyncio.run(main())
