@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import io
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 
 SENT_TTL = 7 * 24 * 3600.0
 _POLL_START = 0.02
-_POLL_MAX = 0.5
+_POLL_MAX = 0.1
+_SETTLE_FOR = 300.0
 
 
 def sent_key(entry: InboxEntry) -> str:
@@ -80,7 +82,7 @@ class Worker:
         order_wait: float = 600.0,
         shutdown_grace: float = 30.0,
         max_claimed: int | None = None,
-        lock_ttl: float = 30.0,
+        lock_ttl: float = 10.0,
         lock_wait: float = 300.0,
     ) -> None:
         self._inbox = inbox
@@ -134,20 +136,20 @@ class Worker:
         next_reclaim = loop.time()
         while not self._stopping.is_set():
             room = self._max_claimed - len(self._in_flight)
-            if room <= 0:
-                await self._pause(0.05)
-                continue
             try:
-                entries = await self._inbox.claim(self.consumer, count=min(16, room), block=0.5)
+                # Reclaim even when full: the entries everyone waits for may be the abandoned ones.
                 if loop.time() >= next_reclaim:
-                    entries += await self._inbox.reclaim(self.consumer, min_idle=self._reclaim_idle)
+                    for entry in await self._inbox.reclaim(self.consumer, min_idle=self._reclaim_idle):
+                        self._enqueue(entry)
                     next_reclaim = loop.time() + self._reclaim_idle / 4
+                if room > 0:
+                    for entry in await self._inbox.claim(self.consumer, count=min(16, room), block=0.5):
+                        self._enqueue(entry)
+                else:
+                    await self._pause(0.05)
             except Exception:
                 log.error("inbox unavailable; retrying", exc_info=True)
                 await self._pause(1.0)
-                continue
-            for entry in entries:
-                self._enqueue(entry)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -165,21 +167,22 @@ class Worker:
                 log.warning("could not touch in-flight entries", exc_info=True)
 
     async def _finish(self) -> None:
-        try:
-            async with asyncio.timeout(self._shutdown_grace):
-                await self.drain()
-        except TimeoutError:
-            log.warning(
-                "%d entries unfinished after %.0fs; leaving them for another worker",
-                len(self._in_flight),
-                self._shutdown_grace,
-            )
-            for task in list(self._lane_tasks):
-                import sys
-                task.print_stack(file=sys.stderr)
-            for task in list(self._lane_tasks):
-                task.cancel()
-            await asyncio.gather(*self._lane_tasks, return_exceptions=True)
+        if not self._lane_tasks:
+            return
+        _done, pending = await asyncio.wait(set(self._lane_tasks), timeout=self._shutdown_grace)
+        if not pending:
+            return
+        log.warning(
+            "conversations %s unfinished after %.0fs; leaving them for another worker",
+            sorted(self._lanes),
+            self._shutdown_grace,
+        )
+        for task in pending:
+            where = io.StringIO()
+            task.print_stack(file=where)  # where it hangs: a lock, the model, the platform API
+            log.warning("cancelling %s\n%s", task.get_name(), where.getvalue())
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     def _enqueue(self, entry: InboxEntry) -> None:
         if entry.entry_id in self._in_flight:
@@ -275,9 +278,8 @@ class Worker:
                             pass
                     else:
                         await sender.deliver(message, self._engine.stream(message))
-                    await self._settle(entry)
-                    self.processed += 1
-                    return
+                    await self._record_sent(entry)
+            # Outside the lock, so the next message (maybe in another process) does not wait for it.
             await self._mark_done(message)
             await self._inbox.ack(entry.entry_id)
             self.processed += 1
@@ -286,20 +288,19 @@ class Worker:
             if entry.deliveries >= self._max_deliveries:
                 await self._give_up(entry, f"{type(exc).__name__}: {exc}")
 
-    async def _settle(self, entry: InboxEntry) -> None:
-        """Record a delivered reply, let the next message go, acknowledge.
+    async def _record_sent(self, entry: InboxEntry) -> None:
+        """Record a delivered reply, retrying through a short Redis outage.
 
-        Retried through a short Redis outage rather than left to a reclaim: the reply is already out,
-        and a reclaimed entry without its sent record would be answered a second time.
+        Not left to a reclaim: the reply is already out, and a reclaimed entry without its sent record
+        would be answered a second time. The heartbeat keeps the entry ours meanwhile, and shutdown's
+        grace period bounds the wait.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._reclaim_idle
+        deadline = loop.time() + max(self._reclaim_idle, _SETTLE_FOR)
         delay = _POLL_START
         while True:
             try:
                 await self._store.set(sent_key(entry), "1", ttl=SENT_TTL)
-                await self._mark_done(entry.message)
-                await self._inbox.ack(entry.entry_id)
                 return
             except Exception:
                 if loop.time() >= deadline:

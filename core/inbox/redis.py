@@ -30,17 +30,20 @@ log = logging.getLogger(__name__)
 # Touch only entries this consumer still owns: XCLAIM alone would steal an entry back from a consumer
 # that reclaimed it after we looked idle. JUSTID leaves the delivery counter alone.
 _TOUCH_SCRIPT = """
-local kept = {}
+local taken = {}
 for i, id in ipairs(ARGV) do
     if i > 1 then
         local p = redis.call('XPENDING', KEYS[1], KEYS[2], id, id, 1)
-        if p[1] and p[1][2] == ARGV[1] then
-            redis.call('XCLAIM', KEYS[1], KEYS[2], ARGV[1], 0, id, 'JUSTID')
-            table.insert(kept, id)
+        if p[1] then
+            if p[1][2] == ARGV[1] then
+                redis.call('XCLAIM', KEYS[1], KEYS[2], ARGV[1], 0, id, 'JUSTID')
+            else
+                table.insert(taken, id)
+            end
         end
     end
 end
-return kept
+return taken
 """
 
 
@@ -225,12 +228,14 @@ class RedisInbox(Inbox):
             return
 
         with _mapped("XCLAIM"):
-            kept = await self._grouped(
+            taken = await self._grouped(
                 self._touch, keys=[self.stream, self.group], args=[consumer, *entry_ids]
             )
-        if len(kept) < len(entry_ids):
-            lost = set(entry_ids) - {_text(k) for k in kept}
-            log.warning("entries %s were reclaimed by another worker while still held", sorted(lost))
+        if taken:
+            # The sent records keep the customer from a second answer; this only says a process stalled.
+            log.warning(
+                "entries %s were reclaimed by another worker while still held", [_text(t) for t in taken]
+            )
 
     async def dead_letter(self, entry: InboxEntry, reason: str) -> None:
         """Move an entry that keeps failing out of the queue, keeping it for operators."""

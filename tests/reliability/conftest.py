@@ -150,7 +150,7 @@ def make_worker(
     consumer: str,
     **options: float,
 ) -> Worker:
-    settings: dict[str, float] = {"reclaim_idle": 0.5, "max_deliveries": 3}
+    settings: dict[str, float] = {"reclaim_idle": 0.5, "max_deliveries": 3, "lock_ttl": 1.0}
     settings.update(options)
     return Worker(
         inbox=inbox,
