@@ -122,6 +122,31 @@ def serve(
         raise _fail("the gateway did not start", EXIT_FAILED)
 
 
+@app.command()
+def worker(ctx: typer.Context) -> None:
+    """Answer messages from the shared inbox and deliver the replies (no HTTP); run several to scale."""
+    settings = _settings(ctx)
+    if settings.redis_url is None:
+        raise _fail(
+            "kefu worker needs KEFU_REDIS_URL: without Redis the inbox lives inside kefu serve", EXIT_CONFIG
+        )
+    _run(_work(settings))
+
+
+async def _work(settings: Settings) -> None:
+    from bots import platforms
+    from core.runtime import Runtime
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Runtime.open(settings) as runtime, platforms.running(settings, runtime, receivers=False):
+        log.info("worker %s answering from the inbox", platforms.consumer_name())
+        await stop.wait()
+        log.info("worker stopping: finishing the answers in progress")
+
+
 def _server_class() -> type[Any]:
     import uvicorn
 

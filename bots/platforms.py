@@ -63,9 +63,10 @@ def consumer_name() -> str:
 
 @asynccontextmanager
 async def running(
-    settings: Settings, runtime: Runtime, *, worker: bool = True
+    settings: Settings, runtime: Runtime, *, worker: bool = True, receivers: bool = True
 ) -> AsyncIterator[SenderRegistry]:
-    """Start the worker and the platforms' background tasks for the lifetime of the block."""
+    """Start the worker, the scheduler and (with ``receivers``) the platforms' background tasks
+    (pollers, sockets, webhook registration) for the lifetime of the block."""
     senders = build_senders(settings, runtime)
     tasks: list[asyncio.Task[Any]] = []
     the_worker: Worker | None = None
@@ -78,7 +79,7 @@ async def running(
             consumer=consumer_name(),
         )
         tasks.append(asyncio.create_task(the_worker.run(), name="worker"))
-    for module in platform_modules():
+    for module in platform_modules() if receivers else ():
         if hasattr(module, "background") and module.enabled(settings):
             coroutines: list[Coroutine[Any, Any, Any]] = module.background(settings, runtime)
             tasks.extend(asyncio.create_task(c, name=f"{module.__name__}") for c in coroutines)
