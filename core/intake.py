@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 
+from core import metrics
 from core.inbox.base import Inbox
 from core.messages import ConversationKey, InboundMessage
 from core.stores.base import StateStore
@@ -102,11 +103,13 @@ class Intake:
         key = dedupe_key(message)
         if not await self._store.set_if_absent(key, "1", ttl=self._dedupe_ttl):
             log.info("duplicate delivery ignored", extra=extra)
+            metrics.message_received(message.key.channel, "duplicate")
             return Accepted.DUPLICATE
         try:
             limited = await self._over_limit(message)
             if limited == "drop":
                 log.info("message over the rate limit dropped", extra=extra)
+                metrics.message_received(message.key.channel, "limited")
                 return Accepted.LIMITED
             seq = await self._store.incr(seq_key(message.key), ttl=SEQ_TTL)
         except BaseException:
@@ -125,6 +128,7 @@ class Intake:
             await self._store.delete(key)
             await self._skip(message.key, seq)
             raise
+        metrics.message_received(message.key.channel, "new")
         return Accepted.NEW
 
     async def _over_limit(self, message: InboundMessage) -> str | None:

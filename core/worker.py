@@ -26,6 +26,7 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 
+from core import metrics
 from core.delivery import SenderRegistry
 from core.engine import Engine
 from core.inbox.base import Inbox, InboxEntry
@@ -139,7 +140,10 @@ class Worker:
             try:
                 # Reclaim even when full: the entries everyone waits for may be the abandoned ones.
                 if loop.time() >= next_reclaim:
-                    for entry in await self._inbox.reclaim(self.consumer, min_idle=self._reclaim_idle):
+                    reclaimed = await self._inbox.reclaim(self.consumer, min_idle=self._reclaim_idle)
+                    if reclaimed:
+                        metrics.inbox_reclaimed(len(reclaimed))
+                    for entry in reclaimed:
                         self._enqueue(entry)
                     next_reclaim = loop.time() + self._reclaim_idle / 4
                 if room > 0:
@@ -261,6 +265,7 @@ class Worker:
             if sender is None:
                 await self._mark_done(message)
                 await self._inbox.dead_letter(entry, f"no sender for channel {message.key.channel!r}")
+                metrics.dead_lettered()
                 log.error("no sender for channel; message dead-lettered", extra=extra)
                 return
             # Check and send under the conversation's delivery lock: a second worker holding the same
@@ -271,13 +276,15 @@ class Worker:
                     notice = message.extras.get(NOTICE_FIELD)
                     if isinstance(notice, str):
                         await sender.send(self._fixed_reply(message, notice))
+                        metrics.reply_sent(message.key.channel, "system", message.received_at)
                     elif await self._engine.is_paused(message.key):
                         # A person has the conversation: the engine stores the message, nobody is sent
                         # a bot answer.
                         async for _ in self._engine.stream(message):
                             pass
                     else:
-                        await sender.deliver(message, self._engine.stream(message))
+                        reply = await sender.deliver(message, self._engine.stream(message))
+                        metrics.reply_sent(message.key.channel, reply.source.value, message.received_at)
                     await self._record_sent(entry)
             # Outside the lock, so the next message (maybe in another process) does not wait for it.
             await self._mark_done(message)
@@ -337,6 +344,7 @@ class Worker:
             log.error("could not mark a failing message done", exc_info=True, extra=extra)
         try:
             await self._inbox.dead_letter(entry, reason)
+            metrics.dead_lettered()
         except Exception:
             log.error("could not dead-letter entry", exc_info=True, extra=extra)
             return

@@ -163,3 +163,22 @@ async def test_a_message_for_a_channel_without_sender_is_dead_lettered(
     await intake.accept(other)
     await run_until_empty(worker, intake)
     assert [d.message.key.channel for d in await intake.inbox.dead_letters()] == ["fax"]
+
+
+async def test_messages_in_and_out_are_counted(database: Database, store: MemoryStore) -> None:
+    from core import metrics
+
+    def sample(name: str, **labels: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    received = sample("kefu_messages_received_total", channel="test", outcome="new")
+    duplicates = sample("kefu_messages_received_total", channel="test", outcome="duplicate")
+    sent = sample("kefu_messages_sent_total", channel="test", source="model")
+    sender = RecordingSender()
+    intake, worker = build(database, store, sender)
+    await intake.accept(message("metrics", 1))
+    await intake.accept(message("metrics", 1))
+    await run_until_empty(worker, intake)
+    assert sample("kefu_messages_received_total", channel="test", outcome="new") == received + 1
+    assert sample("kefu_messages_received_total", channel="test", outcome="duplicate") == duplicates + 1
+    assert sample("kefu_messages_sent_total", channel="test", source="model") == sent + 1

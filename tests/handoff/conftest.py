@@ -9,6 +9,7 @@ from core.llm.base import ChatRequest
 from core.llm.testing import FunctionModel
 from tests.slack.conftest import fake_slack  # noqa: F401 - fixture for this folder
 from tests.telegram.conftest import fake_api  # noqa: F401 - fixture for this folder
+from tests.wechat.conftest import fake_wechat  # noqa: F401 - fixture for this folder
 
 ADMIN_TOKEN = "admin-token-for-kefu-tests-0123456789"
 BEARER = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
