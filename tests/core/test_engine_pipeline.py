@@ -114,8 +114,8 @@ async def setup(database: Database, store: MemoryStore, model_up: dict[str, Any]
     return Setup(engine, model, audit, breaker, clock, conversations)
 
 
-def msg(text: str, n: int, language: str = "zh") -> InboundMessage:
-    return InboundMessage(key=KEY, user_id="u1", message_id=str(n), text=text, language=language)  # type: ignore[arg-type]
+def msg(text: str, n: int, language: str = "zh", *, key: ConversationKey = KEY) -> InboundMessage:
+    return InboundMessage(key=key, user_id="u1", message_id=str(n), text=text, language=language)  # type: ignore[arg-type]
 
 
 async def test_an_injection_attempt_is_blocked_before_the_model(setup: Setup) -> None:
@@ -164,17 +164,21 @@ async def test_model_down_and_no_faq_match_apologises_and_keeps_the_message(
 async def test_the_breaker_stops_waiting_for_a_dead_model_and_recovers(
     setup: Setup, model_up: dict[str, Any]
 ) -> None:
+    # Several customers (one customer's repeated unsure answers would hand them to a person).
+    def customer(n: int) -> ConversationKey:
+        return ConversationKey(channel="web", chat_id=f"breaker-{n}")
+
     model_up["up"] = False
     for n in range(3):
-        await setup.engine.handle(msg(f"问题{n}：我的包裹怎么还没到", n))
+        await setup.engine.handle(msg(f"问题{n}：我的包裹怎么还没到", n, key=customer(n)))
     assert setup.breaker.state is BreakerState.OPEN
     calls = len(setup.model.requests)
-    reply = await setup.engine.handle(msg("问题3：我的包裹怎么还没到", 3))
+    reply = await setup.engine.handle(msg("问题3：我的包裹怎么还没到", 3, key=customer(3)))
     assert len(setup.model.requests) == calls  # open: straight to the fallback
     assert reply.source in (ReplySource.FAQ_FALLBACK,)
     model_up["up"] = True
     setup.clock.now += 31  # cool-down over: the next message probes the model
-    reply = await setup.engine.handle(msg("问题4：我的包裹怎么还没到", 4))
+    reply = await setup.engine.handle(msg("问题4：我的包裹怎么还没到", 4, key=customer(4)))
     assert reply.text == "model answer"
     assert setup.breaker.state is BreakerState.CLOSED
 
