@@ -210,24 +210,8 @@ class Engine:
                 message_id=message.message_id,
                 text=text,
             )
-            await self._record(
-                "handoff",
-                conversation.id,
-                f"customer:{message.key.channel}:{message.user_id}",
-                {"action": "requested", "trigger": "customer"},
-            )
-            notice = fixed_text("handoff_waiting", message.language)
-            await conversations.append(
-                conversation.id,
-                [
-                    Message(
-                        conversation_id=conversation.id,
-                        role="assistant",
-                        content=notice,
-                        source=ReplySource.SYSTEM.value,
-                        meta={"handoff": "requested", "trigger": "customer"},
-                    )
-                ],
+            notice = await self._note_handoff(
+                conversation.id, message, "customer", f"customer:{message.key.channel}:{message.user_id}"
             )
             yield ReplyDone(reply=self._reply(message, notice, ReplySource.SYSTEM))
             return
@@ -253,20 +237,7 @@ class Engine:
             conversations, conversation_id=conversation.id, key=message.key, message_id=message.message_id
         )
         if trigger is not None:
-            notice = fixed_text("handoff_waiting", message.language)
-            await conversations.append(
-                conversation.id,
-                [
-                    Message(
-                        conversation_id=conversation.id,
-                        role="assistant",
-                        content=notice,
-                        source=ReplySource.SYSTEM.value,
-                        meta={"handoff": "requested", "trigger": trigger},
-                    )
-                ],
-            )
-            await self._record("handoff", conversation.id, "bot", {"action": "requested", "trigger": trigger})
+            notice = await self._note_handoff(conversation.id, message, trigger, "bot")
             turn.answer = f"{turn.answer}\n\n{notice}"
         if turn.pinned != conversation.pinned:
             await conversations.update(conversation.id, pinned=turn.pinned)
@@ -278,6 +249,26 @@ class Engine:
             self._context.budget.history_turns + self._context.budget.block_turns
         ):
             self._fold_later(conversation.id)
+
+    async def _note_handoff(
+        self, conversation_id: int, message: InboundMessage, trigger: str, actor: str
+    ) -> str:
+        """Store and audit that a person was asked for; returns the notice telling the customer."""
+        notice = fixed_text("handoff_waiting", message.language)
+        await self._conversations.append(
+            conversation_id,
+            [
+                Message(
+                    conversation_id=conversation_id,
+                    role="assistant",
+                    content=notice,
+                    source=ReplySource.SYSTEM.value,
+                    meta={"handoff": "requested", "trigger": trigger},
+                )
+            ],
+        )
+        await self._record("handoff", conversation_id, actor, {"action": "requested", "trigger": trigger})
+        return notice
 
     async def _respond(
         self,
