@@ -147,6 +147,14 @@ async def _work(settings: Settings) -> None:
         log.info("worker stopping: finishing the answers in progress")
 
 
+def _status(text: str) -> contextlib.AbstractContextManager[Any]:
+    """A spinner on the terminal while a long step runs (nothing when stderr is not a terminal)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return console.status(text) if console.is_terminal else contextlib.nullcontext()
+
+
 def _server_class() -> type[Any]:
     import uvicorn
 
@@ -214,7 +222,8 @@ def db_upgrade(ctx: typer.Context) -> None:
 def seed_demo(ctx: typer.Context) -> None:
     """Add the demo customers, orders and FAQ entries that are missing (safe to run again)."""
     settings = _settings(ctx)
-    counts = _run(_seed(settings))
+    with _status("migrating the database and adding the demo data…"):
+        counts = _run(_seed(settings))
     added = sum(counts.values())
     for name, count in counts.items():
         typer.echo(f"{name}: {count} added")
@@ -238,7 +247,8 @@ def check(ctx: typer.Context) -> None:
     from bots.doctor import run_checks
 
     settings = _settings(ctx)
-    findings = _run(run_checks(settings))
+    with _status("checking the database, Redis and the model…"):
+        findings = _run(run_checks(settings))
     typer.echo("kefu check")
     for finding in findings:
         typer.echo(finding.render())
