@@ -15,53 +15,24 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
+from bots.cli_support import EXIT_CONFIG, EXIT_FAILED, T, fail, run, settings_of
 from core.audit import AuditLog, VerifyReport
 from core.crypto import KeyRing, keyring_from_settings
 from core.db.database import Database
-from core.errors import ConfigError, KefuError
-from core.settings import Settings, load_settings
-
-T = TypeVar("T")
-
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
+from core.errors import ConfigError
+from core.settings import Settings
 
 audit_app = typer.Typer(
     help="Audit log: verify the hash chain, export a conversation, purge, make keys.",
     no_args_is_help=True,
 )
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"kefu: {message}", err=True)
-    return typer.Exit(code)
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    # Mounted under ``kefu`` the root callback has read the settings; run on its own, read them here.
-    settings = ctx.find_root().obj
-    if isinstance(settings, Settings):
-        return settings
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        raise _fail(str(exc), EXIT_CONFIG) from None
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        return asyncio.run(coro)
-    except ConfigError as exc:
-        raise _fail(str(exc), EXIT_CONFIG) from None
-    except KefuError as exc:
-        raise _fail(str(exc), EXIT_FAILED) from None
 
 
 def _operator() -> str:
@@ -85,7 +56,7 @@ def verify(ctx: typer.Context) -> None:
     async def work(log: AuditLog) -> VerifyReport:
         return await log.verify()
 
-    report = _run(_with_log(_settings(ctx), work))
+    report = run(_with_log(settings_of(ctx), work))
     typer.echo(report.render())
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)
@@ -111,7 +82,7 @@ def export(
         )
         return records
 
-    records = _run(_with_log(_settings(ctx), work))
+    records = run(_with_log(settings_of(ctx), work))
     text = json.dumps(records, ensure_ascii=False, indent=2)
     if output is None:
         typer.echo(text)
@@ -129,13 +100,13 @@ def purge(
     ] = None,
 ) -> None:
     """Delete records older than the retention period now; the chain stays verifiable."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     retention = days or settings.audit_retention_days
 
     async def work(log: AuditLog) -> int:
         return await log.purge_expired(retention_days=retention)
 
-    purged = _run(_with_log(settings, work))
+    purged = run(_with_log(settings, work))
     typer.echo(f"{purged} audit records older than {retention} days purged")
 
 
@@ -151,5 +122,5 @@ def keygen(
     try:
         KeyRing.from_spec(line)  # validates the id
     except ConfigError as exc:
-        raise _fail(str(exc), EXIT_CONFIG) from None
+        raise fail(str(exc), EXIT_CONFIG) from None
     typer.echo(line)

@@ -17,22 +17,18 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Coroutine, Iterator
-from typing import Annotated, Any, TypeVar
+from collections.abc import Iterator
+from typing import Annotated, Any
 
 import typer
 
 from bots.audit_cli import audit_app
+from bots.cli_support import EXIT_CONFIG, EXIT_FAILED, fail, run, settings_of
 from bots.faq_cli import faq_app
 from bots.jobs_cli import jobs_app
 from bots.logs import setup_logging
 from core.errors import ConfigError, KefuError
 from core.settings import Settings, load_settings
-
-T = TypeVar("T")
-
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
 
 log = logging.getLogger("kefu")
 
@@ -50,11 +46,6 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(jobs_app, name="jobs")
 
 
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"kefu: {message}", err=True)
-    return typer.Exit(code)
-
-
 @app.callback()
 def _main(ctx: typer.Context) -> None:
     """Read the settings once, set up logging, and hand the settings to the command."""
@@ -63,30 +54,13 @@ def _main(ctx: typer.Context) -> None:
     try:
         settings = load_settings()
     except ConfigError as exc:
-        raise _fail(str(exc), EXIT_CONFIG) from None
+        raise fail(str(exc), EXIT_CONFIG) from None
     level = settings.log_level
     if ctx.invoked_subcommand == "chat" and "log_level" not in settings.model_fields_set:
         # The chat shares the terminal with its logs: only problems unless asked for more.
         level = "WARNING"
     setup_logging(level=level, fmt=settings.log_format)
     ctx.obj = settings
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    settings = ctx.find_root().obj
-    assert isinstance(settings, Settings)
-    return settings
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro``; configuration and dependency errors become a message and an exit code."""
-    try:
-        return asyncio.run(coro)
-    except ConfigError as exc:
-        raise _fail(str(exc), EXIT_CONFIG) from None
-    except KefuError as exc:
-        log.debug("command failed", exc_info=True)
-        raise _fail(str(exc), EXIT_FAILED) from None
 
 
 @app.command()
@@ -100,7 +74,7 @@ def serve(
 
     from bots.gateway import create_app
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     config = uvicorn.Config(
         create_app(settings),
         host=host,
@@ -116,21 +90,21 @@ def serve(
     try:
         server.run()
     except ConfigError as exc:
-        raise _fail(str(exc), EXIT_CONFIG) from None
+        raise fail(str(exc), EXIT_CONFIG) from None
     if not server.started:
         # uvicorn has logged why the start-up (database, model...) failed.
-        raise _fail("the gateway did not start", EXIT_FAILED)
+        raise fail("the gateway did not start", EXIT_FAILED)
 
 
 @app.command()
 def worker(ctx: typer.Context) -> None:
     """Answer messages from the shared inbox and deliver the replies (no HTTP); run several to scale."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if settings.redis_url is None:
-        raise _fail(
+        raise fail(
             "kefu worker needs KEFU_REDIS_URL: without Redis the inbox lives inside kefu serve", EXIT_CONFIG
         )
-    _run(_work(settings))
+    run(_work(settings))
 
 
 async def _work(settings: Settings) -> None:
@@ -192,13 +166,13 @@ def chat(
     from bots.terminal import chat_until_done, valid_session
 
     if session is not None and not valid_session(session):
-        raise _fail("--session must be 1-64 characters of A-Z a-z 0-9 _ . @ -", EXIT_CONFIG)
+        raise fail("--session must be 1-64 characters of A-Z a-z 0-9 _ . @ -", EXIT_CONFIG)
     try:
-        chat_until_done(_settings(ctx), session=session)
+        chat_until_done(settings_of(ctx), session=session)
     except ConfigError as exc:
-        raise _fail(str(exc), EXIT_CONFIG) from None
+        raise fail(str(exc), EXIT_CONFIG) from None
     except KefuError as exc:
-        raise _fail(str(exc), EXIT_FAILED) from None
+        raise fail(str(exc), EXIT_FAILED) from None
     except KeyboardInterrupt:  # before the chat's own Ctrl-C handling is in place
         raise typer.Exit(0) from None
 
@@ -209,21 +183,21 @@ def db_upgrade(ctx: typer.Context) -> None:
     from core.db.database import Database
     from core.db.migrate import head_revision, upgrade
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     safe_url = Database(url=settings.database_url).safe_url
     try:
         upgrade(settings.database_url)
     except KefuError as exc:
-        raise _fail(str(exc), EXIT_FAILED) from None
+        raise fail(str(exc), EXIT_FAILED) from None
     typer.echo(f"database {safe_url} is at schema {head_revision()}")
 
 
 @app.command("seed-demo")
 def seed_demo(ctx: typer.Context) -> None:
     """Add the demo customers, orders and FAQ entries that are missing (safe to run again)."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     with _status("migrating the database and adding the demo data…"):
-        counts = _run(_seed(settings))
+        counts = run(_seed(settings))
     added = sum(counts.values())
     for name, count in counts.items():
         typer.echo(f"{name}: {count} added")
@@ -246,15 +220,15 @@ def check(ctx: typer.Context) -> None:
     """Show which platforms are on and whether database, Redis and model answer (exit 1 if not)."""
     from bots.doctor import run_checks
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     with _status("checking the database, Redis and the model…"):
-        findings = _run(run_checks(settings))
+        findings = run(run_checks(settings))
     typer.echo("kefu check")
     for finding in findings:
         typer.echo(finding.render())
     failed = [f.name for f in findings if f.status == "fail"]
     if failed:
-        raise _fail("not ready: " + ", ".join(dict.fromkeys(failed)), EXIT_FAILED)
+        raise fail("not ready: " + ", ".join(dict.fromkeys(failed)), EXIT_FAILED)
     typer.echo("ready")
 
 

@@ -18,26 +18,12 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from core.errors import ConfigError, KefuError
+from bots.cli_support import EXIT_CONFIG, EXIT_FAILED, settings_of
+from core.errors import KefuError
 from core.faq.repository import FORMATS, FaqRepository, Format, ImportReport, detect_format
-from core.settings import Settings, load_settings
-
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
+from core.settings import Settings
 
 faq_app = typer.Typer(help="FAQ commands: import and export entries.", no_args_is_help=True)
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    # Mounted under ``kefu``, the root callback has read the settings already; alone, read them here.
-    root = ctx.find_root().obj
-    if isinstance(root, Settings):
-        return root
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        typer.echo(f"kefu: {exc}", err=True)
-        raise typer.Exit(EXIT_CONFIG) from None
 
 
 @faq_app.command("import")
@@ -47,7 +33,7 @@ def import_command(
 ) -> None:
     """Add or update FAQ entries from a CSV (header: question,answer[,language,alternatives,tags]),
     YAML or JSON file. Entries are matched on question and language, so re-importing is safe."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     try:
         report = asyncio.run(_import(settings, file))
     except KefuError as exc:
@@ -109,7 +95,7 @@ def export_command(
     ] = None,
 ) -> None:
     """Write every FAQ entry to FILE (or stdout) in a format `kefu faq import` reads back."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if fmt is not None and fmt not in FORMATS:
         typer.echo(f"kefu: --format must be one of {', '.join(FORMATS)}", err=True)
         raise typer.Exit(EXIT_CONFIG)

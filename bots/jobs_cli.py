@@ -17,33 +17,16 @@ from typing import Annotated, Any
 
 import typer
 
-from core.errors import ConfigError, KefuError
+from bots.cli_support import EXIT_FAILED, fail, settings_of
+from core.errors import KefuError
 from core.scheduler import read_job_statuses, read_leader
-from core.settings import Settings, load_settings
+from core.settings import Settings
 from core.stores.factory import build_store
-
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
 
 jobs_app = typer.Typer(
     help="Scheduled jobs: which process leads and how each job's last run went.",
     invoke_without_command=True,
 )
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"kefu: {message}", err=True)
-    return typer.Exit(code)
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    settings = ctx.find_root().obj
-    if isinstance(settings, Settings):
-        return settings
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        raise _fail(str(exc), EXIT_CONFIG) from None
 
 
 async def _read(settings: Settings) -> tuple[str | None, list[dict[str, Any]]]:
@@ -59,7 +42,7 @@ def jobs(
     """Show the leader and the last run of every scheduled job."""
     if ctx.invoked_subcommand is not None:
         return
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if not settings.redis_url:
         typer.echo(
             "KEFU_REDIS_URL is not set: the jobs run inside the kefu serve process and only its "
@@ -69,7 +52,7 @@ def jobs(
     try:
         leader, statuses = asyncio.run(_read(settings))
     except KefuError as exc:
-        raise _fail(str(exc), EXIT_FAILED) from None
+        raise fail(str(exc), EXIT_FAILED) from None
     if as_json:
         typer.echo(json.dumps({"leader": leader, "jobs": statuses}, ensure_ascii=False, indent=2))
         return
