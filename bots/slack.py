@@ -152,7 +152,7 @@ async def _accept(intake: Intake, payload: dict[str, Any], *, support_channels: 
     """Put the event's customer message (if any) in the inbox; False when the inbox failed."""
     try:
         message = adapter.to_inbound(payload, support_channels=support_channels)
-    except ValueError:
+    except (ValueError, TypeError):  # TypeError: a field of an unexpected JSON type (a list "subtype")
         # A payload that passed the signature but does not fit the message model (pydantic).
         log.warning("Slack event %s could not be read", payload.get("event_id"), exc_info=True)
         return True
