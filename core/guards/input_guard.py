@@ -37,6 +37,7 @@ from core.guards.rules import (
     LexiconEntry,
     PatternRule,
     Policy,
+    add_phrase,
     data_files,
     read_lexicon,
     read_patterns,
@@ -112,21 +113,16 @@ class _Lexicon:
             if not norm.compact:
                 continue
             if _CJK.search(norm.compact):
-                self._add(self._compact, norm.compact, _Phrase(entry, len(norm.compact), bounded=False))
+                add_phrase(self._compact, norm.compact, _Phrase(entry, len(norm.compact), bounded=False))
                 continue
-            self._add(self._words, norm.words, _Phrase(entry, len(norm.words), bounded=True))
+            add_phrase(self._words, norm.words, _Phrase(entry, len(norm.words), bounded=True))
             # Letter-spaced input ("s y s t e m p r o m p t") collapses to the compact spelling.
-            self._add(self._words, norm.compact, _Phrase(entry, len(norm.compact), bounded=True))
+            add_phrase(self._words, norm.compact, _Phrase(entry, len(norm.compact), bounded=True))
             if len(norm.compact) >= _COMPACT_MIN:
-                self._add(self._compact, norm.compact, _Phrase(entry, len(norm.compact), bounded=False))
+                add_phrase(self._compact, norm.compact, _Phrase(entry, len(norm.compact), bounded=False))
         for automaton in (self._words, self._compact):
             if len(automaton):
                 automaton.make_automaton()
-
-    @staticmethod
-    def _add(automaton: ahocorasick.Automaton, key: str, phrase: _Phrase) -> None:
-        existing: tuple[_Phrase, ...] = automaton.get(key, ())
-        automaton.add_word(key, (*existing, phrase))
 
     def first_match(self, words: str, compact: str) -> LexiconEntry | None:
         """The first lexicon entry found in either view, or None."""

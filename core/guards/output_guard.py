@@ -32,11 +32,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import ahocorasick  # type: ignore[import-not-found]  # the C extension ships no type stubs
-import yaml
 
 from core.errors import ConfigError
 from core.guards.normalize import clean_text, homoglyph_table, load_homoglyph_file
-from core.guards.rules import HOMOGLYPH_FILE, POLICY_FILE, LexiconEntry, data_files, read_lexicon
+from core.guards.rules import (
+    HOMOGLYPH_FILE,
+    POLICY_FILE,
+    LexiconEntry,
+    add_phrase,
+    data_files,
+    read_lexicon,
+    read_yaml_mapping,
+)
 from core.messages import Language
 from core.texts import text as fixed_text
 
@@ -309,13 +316,7 @@ def _output_action(value: object, source: Path) -> OutputAction:
 
 def read_output_policy(path: Path, policy: OutputPolicy) -> None:
     """Merge ``path`` (an output ``policy.yaml``) into ``policy``."""
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    if not isinstance(document, Mapping):
-        raise ConfigError(f"{path}: expected a mapping")
-    policy.merge(document, source=path)
+    policy.merge(read_yaml_mapping(path), source=path)
 
 
 # ------------------------------------------------------------------------------------ normalised views
@@ -413,20 +414,15 @@ class _Lexicon:
                 continue
             if any(_is_cjk(c) for c in compact):
                 phrase = _Phrase(entry, len(compact), action, "＊" * len(compact))
-                self._add(self._compact, compact, phrase)
+                add_phrase(self._compact, compact, phrase)
                 self.longest_compact = max(self.longest_compact, len(compact))
             else:
                 phrase = _Phrase(entry, len(words), action, "*" * len(compact))
-                self._add(self._words, words, phrase)
+                add_phrase(self._words, words, phrase)
                 self.longest_words = max(self.longest_words, len(words))
         for automaton in (self._words, self._compact):
             if len(automaton):
                 automaton.make_automaton()
-
-    @staticmethod
-    def _add(automaton: ahocorasick.Automaton, key: str, phrase: _Phrase) -> None:
-        existing: tuple[_Phrase, ...] = automaton.get(key, ())
-        automaton.add_word(key, (*existing, phrase))
 
     def _any(self, words: str, compact: str) -> bool:
         if len(self._compact):

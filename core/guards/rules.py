@@ -161,15 +161,26 @@ def read_patterns(path: Path, *, fragments: dict[str, str]) -> list[PatternRule]
     return rules
 
 
-def read_policy(path: Path, policy: Policy) -> None:
-    """Merge ``path`` (a policy YAML file) into ``policy``."""
+def read_yaml_mapping(path: Path) -> Mapping[str, Any]:
+    """The YAML mapping in ``path``; ConfigError naming the file when it is not one."""
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(document, Mapping):
         raise ConfigError(f"{path}: expected a mapping")
-    policy.merge(document, source=path)
+    return document
+
+
+def read_policy(path: Path, policy: Policy) -> None:
+    """Merge ``path`` (a policy YAML file) into ``policy``."""
+    policy.merge(read_yaml_mapping(path), source=path)
+
+
+def add_phrase(automaton: Any, key: str, phrase: object) -> None:
+    """Add ``phrase`` under ``key`` to an Aho-Corasick automaton, keeping phrases already there."""
+    existing: tuple[object, ...] = automaton.get(key, ())
+    automaton.add_word(key, (*existing, phrase))
 
 
 def data_files(directories: Iterable[Path]) -> list[Path]:

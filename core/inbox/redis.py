@@ -18,12 +18,11 @@ from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
 from core.errors import ConfigError, StoreError
 from core.inbox.base import DeadLetter, Inbox, InboxEntry
 from core.messages import InboundMessage
+from core.stores.redis import connect
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +107,11 @@ class RedisInbox(Inbox):
         self._owns_client = client is None
         if client is None:
             assert url is not None
-            client = Redis.from_url(
+            client = connect(
                 url,
-                decode_responses=True,
                 health_check_interval=health_check_interval,
+                retries=retries,
                 socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
-                retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
             )
         self.client = client
         self._touch = client.register_script(_TOUCH_SCRIPT)

@@ -177,6 +177,20 @@ class RedisSubscription(Subscription):
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
+def connect(url: str, *, health_check_interval: int, retries: int, socket_timeout: float) -> Redis:
+    """A client that health-checks idle connections and retries a dropped one with backoff, so a Redis
+    restart is invisible to later calls."""
+    return Redis.from_url(
+        url,
+        decode_responses=True,
+        health_check_interval=health_check_interval,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+    )
+
+
 class RedisStore(StateStore):
     """Key/value with TTL, counters and locks in Redis, under a key prefix.
 
@@ -202,14 +216,11 @@ class RedisStore(StateStore):
         self._owns_client = client is None
         if client is None:
             assert url is not None
-            client = Redis.from_url(
+            client = connect(
                 url,
-                decode_responses=True,
                 health_check_interval=health_check_interval,
+                retries=retries,
                 socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
-                retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
             )
         self.client = client
         self._incr = client.register_script(_INCR_SCRIPT)
