@@ -27,6 +27,8 @@ from core.errors import LockError
 
 log = logging.getLogger(__name__)
 
+RENEWER_STOP_SECONDS = 2.0
+
 
 class StoreLock(ABC):
     """A named lock with an owner token and an expiry, extendable while held.
@@ -92,10 +94,16 @@ class StoreLock(ABC):
         tb: TracebackType | None,
     ) -> None:
         if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+            renewer, self._renewer = self._renewer, None
+            renewer.cancel()
+            # A renewal stuck in a Redis call must not keep the holder (and the conversation behind it)
+            # waiting: give it a moment to stop, then release anyway; the release checks ownership.
+            done, _ = await asyncio.wait({renewer}, timeout=RENEWER_STOP_SECONDS)
+            if done:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    renewer.result()
+            else:
+                log.warning("renewal of lock %s did not stop in time; releasing anyway", self.name)
         await self.release()
 
 
