@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from aiogram import Bot
 from aiogram.client.session.aiohttp import AiohttpSession
+from aiogram.methods.base import Response
 from aiogram.client.telegram import TelegramAPIServer
 from aiogram.exceptions import (
     ClientDecodeError,
@@ -35,7 +36,16 @@ from aiogram.exceptions import (
     TelegramRetryAfter,
     TelegramServerError,
 )
-from aiogram.methods import EditMessageText, SendChatAction, SendMessage, TelegramMethod
+from aiogram.methods import (
+    DeleteWebhook,
+    EditMessageText,
+    GetMe,
+    GetUpdates,
+    SendChatAction,
+    SendMessage,
+    SetWebhook,
+    TelegramMethod,
+)
 from aiogram.types import Message, MessageEntity, ReplyParameters, Update
 
 from core.delivery import ReplySender
@@ -58,6 +68,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CHANNEL = "telegram"
+
+# aiogram parametrises its generic ``Response[T]`` on every API call and pydantic keeps parametrised
+# models only while something references them, so each call used to rebuild the model class (a tenth
+# of a worker's CPU in bench/load.py). Holding the classes of the methods kefu calls keeps them cached.
+_RESPONSE_MODELS = tuple(
+    Response[method.__returning__]  # type: ignore[name-defined]
+    for method in (SendMessage, EditMessageText, SendChatAction, GetMe, GetUpdates, SetWebhook, DeleteWebhook)
+)
 TEXT_LIMIT = 4096
 """Characters of a message's text after entity parsing (counted here in UTF-16 units, as Telegram does)."""
 

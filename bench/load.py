@@ -32,6 +32,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import aiohttp
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,24 +160,26 @@ async def fire(
     sent_at: dict[str, float] = {}
     failures = 0
     url = f"http://127.0.0.1:{port}/telegram/webhook"
-    headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET, "Content-Type": "application/json"}
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(session: aiohttp.ClientSession) -> None:
         nonlocal failures
         while not queue.empty():
             n = queue.get_nowait()
             text = f"{run} message {n}"
+            body = json.dumps(update(n + 1, 10_000 + n % chats, text)).encode()
             started = time.perf_counter()
             sent_at[f"echo: {text}"] = started
-            response = await client.post(url, json=update(n + 1, 10_000 + n % chats, text), headers=headers)
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                if response.status >= 300:
+                    failures += 1
             accept.append(time.perf_counter() - started)
-            if response.status_code >= 300:
-                failures += 1
 
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
         started = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        await asyncio.gather(*(client_loop(session) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
     return elapsed, accept, sent_at, failures
 

@@ -50,7 +50,7 @@ def create_app(settings: Settings, *, model: ChatModel | None = None) -> Starlet
         async with Runtime.open(settings, model=model) as runtime:
             app.state.runtime = runtime
             app.state.settings = settings
-            async with platforms.running(settings, runtime) as senders:
+            async with platforms.running(settings, runtime, worker=settings.serve_worker) as senders:
                 app.state.senders = senders
                 log.info("gateway ready (model backend %s)", runtime.model.name)
                 yield

@@ -77,6 +77,7 @@ async def running(
             senders=senders,
             store=runtime.store,
             consumer=consumer_name(),
+            concurrency=settings.worker_concurrency,
         )
         tasks.append(asyncio.create_task(the_worker.run(), name="worker"))
     for module in platform_modules() if receivers else ():

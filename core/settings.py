@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=20, ge=0)
     conversation_rate_limit_per_minute: int = Field(default=60, ge=0)
     max_concurrent_model_calls: int = Field(default=4, ge=1)
+    worker_concurrency: int = Field(default=8, ge=1)
+    serve_worker: bool = True
+    """Answer messages inside ``kefu serve`` too; off when dedicated ``kefu worker`` processes answer."""
 
     # FAQ
     faq_embeddings: bool = True
@@ -123,6 +126,13 @@ class Settings(BaseSettings):
                 return async_ + value[len(plain) :]
         if not value.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
             raise ValueError("must be a sqlite:// or postgresql:// URL")
+        return value
+
+    @field_validator("serve_worker")
+    @classmethod
+    def _worker_somewhere(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value and info.data.get("redis_url") is None:
+            raise ValueError("false needs KEFU_REDIS_URL: without Redis only kefu serve can answer")
         return value
 
     @property

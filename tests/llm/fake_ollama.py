@@ -74,7 +74,7 @@ class FakeOllama(ScriptedServer):
                         "json: cannot unmarshal string into Go struct field ChatRequest.messages."
                         "tool_calls.function.arguments of type api.ToolCallFunctionArguments",
                     )
-        reply = self.next_reply()
+        reply = self.next_reply(body)
         if reply is None:
             return self._error(500, "fake ollama: no scripted reply queued")
         await self.pause(reply.delay)

@@ -59,7 +59,7 @@ class FakeOpenAI(ScriptedServer):
             return self._error(404, f"The model `{name}` does not exist.", "NotFoundError")
         if (problem := self._invalid(body)) is not None:
             return self._error(400, problem)
-        reply = self.next_reply()
+        reply = self.next_reply(body)
         if reply is None:
             return self._error(500, "fake openai: no scripted reply queued", "InternalServerError")
         await self.pause(reply.delay)

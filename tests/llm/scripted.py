@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,8 @@ class ScriptedServer:
 
     def __init__(self) -> None:
         self.replies: deque[ScriptedReply] = deque()
+        # Answers chat requests when no reply is queued (a model that keeps answering, for load tests).
+        self.responder: Callable[[dict[str, Any]], ScriptedReply] | None = None
         self.requests: list[RecordedRequest] = []
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
@@ -121,8 +124,12 @@ class ScriptedServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), seconds)
 
-    def next_reply(self) -> ScriptedReply | None:
-        return self.replies.popleft() if self.replies else None
+    def next_reply(self, body: Any = None) -> ScriptedReply | None:
+        if self.replies:
+            return self.replies.popleft()
+        if self.responder is not None and isinstance(body, dict):
+            return self.responder(body)
+        return None
 
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:

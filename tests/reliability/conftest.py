@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -18,6 +19,7 @@ from redis.backoff import NoBackoff
 from core.context import ContextBudget, ContextBuilder
 from core.conversations import ConversationStore
 from core.db.database import Database
+from core.db.migrate import upgrade_async
 from core.delivery import ReplySender, SenderRegistry
 from core.engine import Engine, EngineLimits
 from core.inbox.base import Inbox
@@ -31,6 +33,7 @@ from core.worker import Worker
 from tools.registry import ToolRegistry
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def free_port() -> int:
@@ -43,8 +46,9 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server of the test's own, persisting to an append-only file so data survives restarts."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, persistent: bool = True) -> None:
         self.directory = directory
+        self.persistent = persistent
         self.port = free_port()
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -56,7 +60,8 @@ class RedisServer:
         self.proc = await asyncio.create_subprocess_exec(
             "redis-server",
             *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)),
-            *("--save", "", "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"),
+            *("--save", "", "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always"),
+            *("--daemonize", "no"),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
@@ -87,6 +92,27 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
         yield server
     finally:
         await server.kill()
+
+
+async def _pg_admin(sql: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A migrated PostgreSQL database that exists for this test only."""
+    name = f"kefu_rel_{uuid.uuid4().hex[:12]}"
+    await _pg_admin(f'CREATE DATABASE "{name}"')
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    try:
+        await upgrade_async(url)
+        yield url
+    finally:
+        await _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class RecordingSender(ReplySender):

@@ -8,47 +8,21 @@ import json
 import signal
 import sys
 import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from core.db.migrate import upgrade_async
 from core.inbox.redis import RedisInbox
 from core.intake import Accepted, Intake
 from core.stores.redis import RedisStore
 from tests.reliability.conftest import REDIS_URL, RedisNames, message, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 DELAY = 0.05
 CHATS = [f"c{i:02d}" for i in range(20)]
 PER_CHAT = 10
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    """A migrated PostgreSQL database that exists for this test only."""
-    name = f"kefu_crash_{uuid.uuid4().hex[:12]}"
-    await _admin(f'CREATE DATABASE "{name}"')
-    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    try:
-        await upgrade_async(url)
-        yield url
-    finally:
-        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class Fleet:
