@@ -77,9 +77,10 @@ def main() -> None:
         groups[f"{split:8} {row['language']}"].append(row)
         groups[f"{split:8} {row['language']} {row['source']}"].append(row)
         groups[f"{'overall':8} {row['language']}"].append(row)
-    print(f"\n{'group':<58} {'':18}")
+    width = max(len(name) for name in groups) + 2
+    print(f"\n{'group':<{width}}")
     for name in sorted(groups):
-        print(f"{name:<58} {fmt(*rates(groups[name], detected))}")
+        print(f"{name:<{width}} {fmt(*rates(groups[name], detected))}")
 
     # Per message: every timing (what a busy machine gives) and the best of the passes (the cost of the
     # check itself, without scheduler noise from other processes on a shared machine).

@@ -1,19 +1,16 @@
 """The input guard: decides what happens to a customer's message before the model sees it.
 
 Matching runs on normalised views of the text (see :mod:`core.guards.normalize`): lexicon phrases through
-one Aho-Corasick automaton per view, then compiled regex rules. Payloads hidden in base64, hex,
-percent-encoding or rot13 are decoded and matched the same way. Every decision names the rule and
-category that caused it, so the engine can log it; what happens per category comes from ``policy.yaml``.
+one Aho-Corasick automaton per view, then compiled regex rules, then weak-signal rules (several harmless
+phrases that together give a role-play jailbreak away, see :mod:`core.guards.signals`). Payloads hidden
+in base64, hex, percent-encoding, rot13, leetspeak or backwards text are decoded and matched the same way
+(see :mod:`core.guards.decoders`). Every decision names the rule and category that caused it, so the
+engine can log it; what happens per category comes from ``policy.yaml``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import codecs
 import re
-import unicodedata
-import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,6 +19,7 @@ from pathlib import Path
 import ahocorasick  # type: ignore[import-not-found]  # the C extension ships no type stubs
 
 from core.guards.control_tokens import neutralize_control_tokens
+from core.guards.decoders import hidden_payloads
 from core.guards.normalize import (
     NormalizedText,
     has_hidden_characters,
@@ -37,12 +35,15 @@ from core.guards.rules import (
     LexiconEntry,
     PatternRule,
     Policy,
+    SignalRule,
     add_phrase,
     data_files,
     read_lexicon,
     read_patterns,
     read_policy,
+    read_signals,
 )
+from core.guards.signals import SignalIndex
 from core.language import detect_language
 
 DEFAULT_DATA_DIR = Path(str(resources.files("core.guards") / "data"))
@@ -50,22 +51,11 @@ HIDDEN_TEXT_RULE = "builtin.hidden_characters"
 HIDDEN_TEXT_CATEGORY = "hidden_text"
 
 _SEVERITY: dict[Action, int] = {"allow": 0, "flag": 1, "strip": 2, "block": 3}
+_LATIN_LETTER = re.compile(r"[a-z]")
 _LATIN_ALNUM = re.compile(r"[a-z0-9]")
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 # A phrase this long (without spaces) is specific enough to match inside run-together text.
 _COMPACT_MIN = 16
-_BASE64 = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{16,}={0,2}")
-_HEX = re.compile(r"(?<![0-9a-f])(?:[0-9a-f]{2}[ :]?){8,}(?![0-9a-f])")
-_PERCENT = re.compile(r"(?:%[0-9a-f]{2}){4,}", re.IGNORECASE)
-# Frequent English words: a Latin message with none of them that gains some under rot13 is rot13.
-# fmt: off
-_STOPWORDS = frozenset({
-    "the", "a", "an", "and", "or", "to", "of", "in", "is", "are", "you", "your", "me", "my", "it",
-    "this", "that", "for", "with", "not", "all", "what", "how", "please", "tell", "say", "ignore",
-    "previous", "instructions", "password", "system", "prompt", "into", "from", "now", "reveal",
-    "secret", "rules", "print", "repeat", "show", "give", "new",
-})
-# fmt: on
 _SENTENCE = re.compile(r"[^。！？!?；;\n.]+[。！？!?；;\n.]*|[。！？!?；;\n.]+")
 
 
@@ -142,59 +132,6 @@ class _Lexicon:
         return None
 
 
-def _printable_text(data: bytes) -> str | None:
-    """``data`` as text when it decodes to mostly printable UTF-8 with some letters, else None."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if len(text) < 4:
-        return None
-    printable = sum(ch.isprintable() or ch.isspace() for ch in text)
-    letters = sum(ch.isalpha() for ch in text)
-    return text if printable >= 0.95 * len(text) and letters >= 4 else None
-
-
-def _decode_base64(token: str) -> str | None:
-    padded = token + "=" * (-len(token) % 4)
-    try:
-        if "-" in token or "_" in token:
-            return _printable_text(base64.urlsafe_b64decode(padded))
-        return _printable_text(base64.b64decode(padded, validate=True))
-    except (binascii.Error, ValueError):
-        return None
-
-
-def _encoded_payloads(text: str, clean: str) -> list[tuple[str, str]]:
-    """(decoder name, decoded text) for every plausible encoded payload in the message."""
-    found: list[tuple[str, str]] = []
-    for token in _BASE64.findall(unicodedata.normalize("NFKC", strip_invisible(text))):
-        decoded = _decode_base64(token)
-        if decoded:
-            found.append(("base64", decoded))
-    for token in _HEX.findall(clean):
-        try:
-            decoded = _printable_text(bytes.fromhex(re.sub(r"[ :]", "", token)))
-        except ValueError:
-            decoded = None
-        if decoded:
-            found.append(("hex", decoded))
-    if "%" in text and _PERCENT.search(text):
-        found.append(("percent", urllib.parse.unquote(text)))
-    return found
-
-
-def _rot13_of(words: str) -> str | None:
-    """The rot13 decoding of ``words`` when the message reads like rot13-encoded English, else None."""
-    tokens = words.split()
-    if len(tokens) < 3 or not _LATIN_ALNUM.search(words):
-        return None
-    plain = sum(t in _STOPWORDS for t in tokens)
-    rot = codecs.encode(words, "rot13")
-    decoded = sum(t in _STOPWORDS for t in rot.split())
-    return rot if decoded >= 2 and decoded > 2 * plain else None
-
-
 class InputGuard:
     """Checks customer messages for prompt injection and jailbreak attempts.
 
@@ -207,12 +144,27 @@ class InputGuard:
         lexicon: Sequence[LexiconEntry],
         patterns: Sequence[PatternRule],
         policy: Policy,
+        signals: Sequence[SignalRule] = (),
         homoglyphs: dict[int, str] | None = None,
     ) -> None:
         self._homoglyphs = homoglyphs if homoglyphs is not None else homoglyph_table()
         self._lexicon = _Lexicon(lexicon, homoglyphs=self._homoglyphs)
+        self._signals = SignalIndex(signals, homoglyphs=self._homoglyphs)
+        # A rule marked with a script only runs on messages written (partly) in it; the four possible
+        # mixes are worked out once, so a Chinese message never pays for the English rules.
         self._patterns = {
-            view: tuple(p for p in patterns if p.view == view) for view in ("words", "clean", "raw")
+            scripts: {
+                view: tuple(
+                    p for p in patterns if p.view == view and (p.script is None or p.script in scripts)
+                )
+                for view in ("words", "clean", "raw")
+            }
+            for scripts in (
+                frozenset(),
+                frozenset({"han"}),
+                frozenset({"latin"}),
+                frozenset({"han", "latin"}),
+            )
         }
         self._policy = policy
 
@@ -220,12 +172,13 @@ class InputGuard:
     def load(cls, data_dir: Path | None = None, *, extra_dirs: Sequence[Path] = ()) -> InputGuard:
         """Load rules from ``data_dir`` (the shipped data by default) and then each of ``extra_dirs``.
 
-        Lexicons and patterns add up; a later ``policy.yaml`` overrides single categories and replies;
-        a later ``homoglyphs.txt`` adds folds.
+        Lexicons, patterns and signal rules add up; a later ``policy.yaml`` overrides single categories
+        and replies; a later ``homoglyphs.txt`` adds folds.
         """
         directories = [data_dir or DEFAULT_DATA_DIR, *extra_dirs]
         lexicon: list[LexiconEntry] = []
         patterns: list[PatternRule] = []
+        signals: list[SignalRule] = []
         fragments: dict[str, str] = {}
         policy = Policy()
         homoglyphs = dict(homoglyph_table())
@@ -238,21 +191,34 @@ class InputGuard:
                 lexicon.extend(read_lexicon(path))
             else:
                 patterns.extend(read_patterns(path, fragments=fragments))
-        return cls(lexicon=lexicon, patterns=patterns, policy=policy, homoglyphs=homoglyphs)
+                signals.extend(read_signals(path))
+        return cls(lexicon=lexicon, patterns=patterns, policy=policy, signals=signals, homoglyphs=homoglyphs)
 
     # ------------------------------------------------------------------ matching
     def _match_views(self, raw: str, norm: NormalizedText) -> GuardMatch | None:
+        scripts = frozenset(
+            name
+            for name, present in (
+                ("han", _CJK.search(norm.words)),
+                ("latin", _LATIN_LETTER.search(norm.words)),
+            )
+            if present
+        )
+        patterns = self._patterns[scripts]
         # Structural rules (template markers, tool JSON) run first so they name the category when a
         # faked system turn also contains override wording.
-        for rule in (*self._patterns["raw"], *self._patterns["clean"]):
+        for rule in (*patterns["raw"], *patterns["clean"]):
             if rule.matches(raw if rule.view == "raw" else norm.clean):
                 return self._match(rule.rule, rule.category)
         entry = self._lexicon.first_match(norm.words, norm.compact)
         if entry is not None:
             return self._match(entry.rule, entry.category)
-        for rule in self._patterns["words"]:
+        for rule in patterns["words"]:
             if rule.matches(norm.words):
                 return self._match(rule.rule, rule.category)
+        signal = self._signals.first_firing(norm.words, norm.compact)
+        if signal is not None:
+            return self._match(signal.rule, signal.category)
         return None
 
     def _match(self, rule: str, category: str) -> GuardMatch:
@@ -269,13 +235,9 @@ class InputGuard:
             return matches
         if depth > 0:
             return matches
-        for decoder, decoded in _encoded_payloads(text, norm.clean):
+        for decoder, decoded in hidden_payloads(text, clean=norm.clean, words=norm.words):
             for inner in self._scan(decoded, depth=depth + 1):
                 matches.append(self._match(f"{decoder}>{inner.rule}", inner.category))
-        rot = _rot13_of(norm.words)
-        if rot is not None:
-            for inner in self._scan(rot, depth=depth + 1):
-                matches.append(self._match(f"rot13>{inner.rule}", inner.category))
         return matches
 
     # ------------------------------------------------------------------ decisions

@@ -3,8 +3,9 @@
 Three views of a message are derived, each from the previous one:
 
 ``clean``    NFKC (full-width → half-width), zero-width and other format characters removed, Unicode tag
-             characters decoded to the ASCII they hide, traditional → simplified Chinese, look-alike letters
-             (Cyrillic/Greek/...) folded to Latin, case folded, whitespace collapsed. Punctuation is kept.
+             characters decoded to the ASCII they hide, traditional → simplified Chinese, the polite 您
+             folded to 你, look-alike letters (Cyrillic/Greek/...) folded to Latin, case folded, whitespace
+             collapsed. Punctuation is kept.
 ``words``    ``clean`` with punctuation turned into spaces, letter-by-letter spacing ("i g n o r e") joined,
              and the gaps between Chinese characters removed ("忽 略", "忽.略" → "忽略").
              This is what :func:`normalize_for_matching` returns.
@@ -46,6 +47,9 @@ _DOTTED_SEP = re.compile(r"[.\-*·•/|~+^_']")
 _SPACED_RUN = re.compile(r"(?<!\S)(?:\w ){1,}\w(?!\S)")
 
 _DATA_DIR = Path(str(resources.files("core.guards") / "data"))
+# Variants that mean the same to a rule: the polite "you" is written like the plain one, so Chinese phrase
+# lists and patterns need only one spelling.
+_CJK_FOLD = str.maketrans({"您": "你"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +120,7 @@ def clean_text(text: str, *, homoglyphs: dict[int, str] | None = None) -> str:
     text = _INVISIBLE.sub("", text)
     text = unicodedata.normalize("NFKC", text)
     if any("\u3400" <= ch <= "\u9fff" for ch in text):
-        text = _t2s().convert(text)
+        text = _t2s().convert(text).translate(_CJK_FOLD)
     text = text.translate(homoglyphs if homoglyphs is not None else homoglyph_table())
     text = text.casefold()
     text = _DOTTED_RUN.sub(_join_dotted, text)
@@ -151,6 +155,9 @@ def strip_invisible(text: str) -> str:
 
 def has_hidden_characters(text: str) -> bool:
     """Whether ``text`` carries characters that render as nothing (ZWJ inside emoji does not count)."""
-    return bool(_TAGS.search(text)) or any(
+    if _TAGS.search(text):
+        return True
+    # Most messages have no invisible character at all: one regex pass answers for them.
+    return _INVISIBLE.search(text) is not None and any(
         _INVISIBLE.fullmatch(ch) and ch not in "\u200d\ufe0f\ufe0e" for ch in text
     )

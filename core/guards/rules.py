@@ -1,5 +1,6 @@
 """Loading the guard's data files: lexicons (``*.txt``), regex rules (``*.yaml`` with ``patterns``),
-the per-category policy (``policy.yaml``) and extra look-alike folds (``homoglyphs.txt``).
+weak-signal rules (``*.yaml`` with ``signals``), the per-category policy (``policy.yaml``) and extra
+look-alike folds (``homoglyphs.txt``).
 
 A broken file is a configuration mistake, so it fails loudly at load time with :class:`ConfigError`.
 """
@@ -18,8 +19,10 @@ from core.errors import ConfigError
 
 Action = Literal["allow", "block", "strip", "flag"]
 View = Literal["words", "clean", "raw"]
+Script = Literal["han", "latin"]
 ACTIONS: tuple[Action, ...] = ("allow", "block", "strip", "flag")
 _VIEWS: tuple[View, ...] = ("words", "clean", "raw")
+_SCRIPTS: tuple[Script, ...] = ("han", "latin")
 _FRAGMENT = re.compile(r"%\{(\w+)\}")
 HOMOGLYPH_FILE = "homoglyphs.txt"
 POLICY_FILE = "policy.yaml"
@@ -44,6 +47,7 @@ class PatternRule:
     pattern: re.Pattern[str]
     requires: re.Pattern[str] | None = None
     unless: re.Pattern[str] | None = None
+    script: Script | None = None
 
     def matches(self, text: str) -> bool:
         """Whether the rule fires on ``text`` (already in this rule's view)."""
@@ -53,6 +57,22 @@ class PatternRule:
         if self.pattern.search(text) is None:
             return False
         return self.unless is None or self.unless.search(text) is None
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRule:
+    """A rule made of weak signals: phrases that are harmless alone but give an attack away together.
+
+    It fires when a message holds phrases from at least ``min_groups`` groups, ``min_phrases`` different
+    phrases in all, and a phrase of every group named in ``require``.
+    """
+
+    rule: str
+    category: str
+    groups: Mapping[str, tuple[str, ...]]
+    min_groups: int
+    min_phrases: int
+    require: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -139,6 +159,9 @@ def read_patterns(path: Path, *, fragments: dict[str, str]) -> list[PatternRule]
         view = item.get("view", "words")
         if view not in _VIEWS:
             raise ConfigError(f"{where}: view must be one of {', '.join(_VIEWS)}")
+        script = item.get("script")
+        if script is not None and script not in _SCRIPTS:
+            raise ConfigError(f"{where}: script must be one of {', '.join(_SCRIPTS)}")
         raw = view == "raw"
         rules.append(
             PatternRule(
@@ -156,9 +179,56 @@ def read_patterns(path: Path, *, fragments: dict[str, str]) -> list[PatternRule]
                     if item.get("unless")
                     else None
                 ),
+                script=cast(Script | None, script),
             )
         )
     return rules
+
+
+def read_signals(path: Path) -> list[SignalRule]:
+    """Parse the ``signals`` list of a YAML rules file (see :class:`SignalRule`)."""
+    rules: list[SignalRule] = []
+    for index, item in enumerate(read_yaml_mapping(path).get("signals") or []):
+        where = f"{path}: signals[{index}]"
+        if not isinstance(item, Mapping) or not {"id", "category", "groups"} <= item.keys():
+            raise ConfigError(f"{where}: needs id, category and groups")
+        groups = item["groups"]
+        if not isinstance(groups, Mapping) or not groups:
+            raise ConfigError(f"{where}: groups must map a group name to a list of phrases")
+        phrases = {
+            str(name): _phrase_list(values, f"{where}.groups.{name}") for name, values in groups.items()
+        }
+        require = frozenset(str(name) for name in item.get("require") or ())
+        if not require <= phrases.keys():
+            raise ConfigError(f"{where}: require names an unknown group: {sorted(require - phrases.keys())}")
+        min_groups = _positive_int(item.get("min_groups", 2), f"{where}.min_groups")
+        if min_groups > len(phrases):
+            raise ConfigError(f"{where}: min_groups is larger than the number of groups")
+        rules.append(
+            SignalRule(
+                rule=str(item["id"]),
+                category=str(item["category"]),
+                groups=phrases,
+                min_groups=min_groups,
+                min_phrases=_positive_int(item.get("min_phrases", min_groups), f"{where}.min_phrases"),
+                require=require,
+            )
+        )
+    return rules
+
+
+def _phrase_list(values: object, where: str) -> tuple[str, ...]:
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}: expected a non-empty list of phrases")
+    if not all(isinstance(v, str) and v.strip() for v in values):
+        raise ConfigError(f"{where}: expected a non-empty list of phrases")
+    return tuple(v.strip() for v in values)
+
+
+def _positive_int(value: object, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
+    return value
 
 
 def read_yaml_mapping(path: Path) -> Mapping[str, Any]:
