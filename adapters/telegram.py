@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 
 from aiogram import Bot
 from aiogram.client.session.aiohttp import AiohttpSession
-from aiogram.methods.base import Response
 from aiogram.client.telegram import TelegramAPIServer
 from aiogram.exceptions import (
     ClientDecodeError,
@@ -46,6 +45,7 @@ from aiogram.methods import (
     SetWebhook,
     TelegramMethod,
 )
+from aiogram.methods.base import Response
 from aiogram.types import Message, MessageEntity, ReplyParameters, Update
 
 from core.delivery import ReplySender

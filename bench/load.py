@@ -30,9 +30,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import httpx
-import aiohttp
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +51,25 @@ def free_port() -> int:
 # --- the server side (child process) ----------------------------------------------------------------
 
 
+def _settings(api_base: str, database_url: str) -> Any:
+    from core.settings import load_settings
+
+    return load_settings(
+        _env_file=None,
+        database_url=database_url,
+        redis_url=REDIS_URL,
+        telegram_token=TOKEN,
+        telegram_webhook_secret=SECRET,
+        telegram_api_base=api_base,
+        faq_embeddings=False,
+        scheduler_enabled=False,
+        rate_limit_per_minute=0,
+        conversation_rate_limit_per_minute=0,
+        serve_worker=False,  # the workers run in processes of their own, as in docker-compose.yml
+        log_level="WARNING",
+    )
+
+
 def serve(mode: str, port: str, api_base: str, database_url: str) -> None:
     import uvicorn
     from starlette.applications import Starlette
@@ -67,25 +86,33 @@ def serve(mode: str, port: str, api_base: str, database_url: str) -> None:
         app: Any = Starlette(routes=[Route("/telegram/webhook", echo, methods=["POST"])])
     else:
         from bots.gateway import create_app
-        from core.llm.testing import FunctionModel
-        from core.llm.testing import echo as echo_model
-        from core.settings import load_settings
 
-        settings = load_settings(
-            _env_file=None,
-            database_url=database_url,
-            redis_url=REDIS_URL,
-            telegram_token=TOKEN,
-            telegram_webhook_secret=SECRET,
-            telegram_api_base=api_base,
-            faq_embeddings=False,
-            scheduler_enabled=False,
-            rate_limit_per_minute=0,
-            conversation_rate_limit_per_minute=0,
-            log_level="WARNING",
-        )
-        app = create_app(settings, model=FunctionModel(echo_model))
+        app = create_app(_settings(api_base, database_url))
     uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning", access_log=False)
+
+
+def work(api_base: str, database_url: str) -> None:
+    """`kefu worker` with the instant echo model instead of inference."""
+    import signal
+
+    from bots import platforms
+    from core.llm.testing import FunctionModel
+    from core.llm.testing import echo as echo_model
+    from core.runtime import Runtime
+
+    settings = _settings(api_base, database_url)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        model = FunctionModel(echo_model)
+        async with (
+            Runtime.open(settings, model=model) as runtime,
+            platforms.running(settings, runtime, receivers=False),
+        ):
+            await stop.wait()
+
+    asyncio.run(run())
 
 
 # --- the load side ----------------------------------------------------------------------------------
@@ -196,6 +223,8 @@ async def main() -> None:
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--chats", type=int, default=1500)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="`kefu worker` processes answering")
+    parser.add_argument("--worker-start", type=float, default=8.0, help="seconds the workers get to start")
     parser.add_argument("--drain-timeout", type=float, default=300.0)
     args = parser.parse_args()
 
@@ -213,6 +242,8 @@ async def main() -> None:
     import redis.asyncio as redis
 
     await redis.Redis.from_url(REDIS_URL).flushdb()
+    fake_api = f"http://127.0.0.1:{api_port}"
+    database_url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{db_name}"
     results: dict[str, dict[str, float]] = {}
     workdir = tempfile.mkdtemp(prefix="kefu-bench-")  # the server's kefu.key goes here
     try:
@@ -225,16 +256,27 @@ async def main() -> None:
                     "--serve",
                     mode,
                     str(port),
-                    f"http://127.0.0.1:{api_port}",
-                    f"postgresql+asyncpg://postgres@127.0.0.1:5432/{db_name}",
+                    fake_api,
+                    database_url,
                 ],
                 cwd=workdir,
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
             )
+            workers: list[subprocess.Popen[bytes]] = []
             try:
                 await wait_healthy(
                     f"http://127.0.0.1:{port}/" + ("healthz" if mode == "kefu" else "telegram/webhook"), proc
                 )
+                if mode == "kefu":
+                    workers = [
+                        subprocess.Popen(
+                            [sys.executable, __file__, "--work", fake_api, database_url],
+                            cwd=workdir,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                        )
+                        for _ in range(args.workers)
+                    ]
+                    await asyncio.sleep(args.worker_start)
                 elapsed, accept, sent_at, failures = await fire(
                     port, args.messages, args.chats, args.concurrency, mode
                 )
@@ -267,8 +309,10 @@ async def main() -> None:
                     }
                 results[mode] = row
             finally:
-                proc.terminate()
-                proc.wait(timeout=60)
+                for child in [proc, *workers]:
+                    child.terminate()
+                for child in [proc, *workers]:
+                    child.wait(timeout=60)
     finally:
         await runner.cleanup()
         await admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
@@ -296,5 +340,7 @@ async def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         serve(*sys.argv[2:6])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--work":
+        work(*sys.argv[2:4])
     else:
         asyncio.run(main())

@@ -222,13 +222,13 @@ class ConversationStore:
         stored = [self._sealer.seal_message(row) for row in rows]
         async with self._db.session() as session:
             session.add_all(stored)
-            conversation = await session.get(Conversation, conversation_id)
-            if conversation is not None:
-                conversation.updated_at = utcnow()
-                session.add(conversation)
+            await session.exec(
+                update(Conversation)
+                .where(col(Conversation.id) == conversation_id)
+                .values(updated_at=utcnow())
+            )
+            # Ids come back from the INSERT and created_at is set in Python: nothing to read back.
             await session.commit()
-            for saved in stored:
-                await session.refresh(saved)
         for row, saved in zip(rows, stored, strict=True):
             if row is not saved:
                 row.id, row.created_at = saved.id, saved.created_at

@@ -234,7 +234,11 @@ class Engine:
         )
         await conversations.append(conversation.id, turn.rows)
         trigger = await maybe_request_human(
-            conversations, conversation_id=conversation.id, key=message.key, message_id=message.message_id
+            conversations,
+            conversation_id=conversation.id,
+            key=message.key,
+            message_id=message.message_id,
+            latest=turn.rows[-1],
         )
         if trigger is not None:
             notice = await self._note_handoff(conversation.id, message, trigger, "bot")

@@ -282,6 +282,7 @@ async def maybe_request_human(
     guard_blocks: int = 3,
     unsure_answers: int = 2,
     min_confidence: float = 0.5,
+    latest: Message | None = None,
 ) -> str | None:
     """After a turn is stored: ask for a person when the bot keeps failing the customer.
 
@@ -293,7 +294,11 @@ async def maybe_request_human(
     the ``handoff_waiting`` text to its answer.
 
     Reading the stored transcript keeps no extra state, so it works the same in every process.
+    ``latest`` is the answer just stored: when it was neither refused nor unsure no streak can have
+    grown, and the transcript is not read (the common case costs nothing).
     """
+    if latest is not None and not (_blocked(latest) or _unsure(latest, min_confidence)):
+        return None
     conversation = await conversations.get_by_id(conversation_id)
     if conversation is None or conversation.state != BOT:
         return None

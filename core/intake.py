@@ -25,7 +25,7 @@ from enum import StrEnum
 from core import metrics
 from core.inbox.base import Inbox
 from core.messages import ConversationKey, InboundMessage
-from core.stores.base import StateStore
+from core.stores.base import Counter, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,13 @@ def seq_key(key: ConversationKey) -> str:
     return f"seq:{key}"
 
 
+def done_prefix(key: ConversationKey) -> str:
+    return f"done:{key}:"
+
+
 def done_key(key: ConversationKey, seq: int) -> str:
     """Set once message number ``seq`` of the conversation was answered, dead-lettered or abandoned."""
-    return f"done:{key}:{seq}"
+    return f"{done_prefix(key)}{seq}"
 
 
 def sequence_of(message: InboundMessage) -> int | None:
@@ -101,28 +105,31 @@ class Intake:
         """Queue ``message`` unless the same platform message was accepted before."""
         extra = {"conversation": str(message.key), "message_id": message.message_id}
         key = dedupe_key(message)
-        if not await self._store.set_if_absent(key, "1", ttl=self._dedupe_ttl):
+        # Dedupe mark, rate counters, sequence number: one atomic step (one round trip on Redis).
+        admission = await self._store.admit(
+            key,
+            mark_ttl=self._dedupe_ttl,
+            counters=self._counters(message),
+            sequence=seq_key(message.key),
+            sequence_ttl=SEQ_TTL,
+            # A "done" mark left by an earlier run of the counter (it expired and restarted) is not
+            # about this message, which cannot have been answered before it is queued.
+            clear_prefix=done_prefix(message.key),
+        )
+        if admission is None:
             log.info("duplicate delivery ignored", extra=extra)
             metrics.message_received(message.key.channel, "duplicate")
             return Accepted.DUPLICATE
-        try:
-            limited = await self._over_limit(message)
-            if limited == "drop":
-                log.info("message over the rate limit dropped", extra=extra)
-                metrics.message_received(message.key.channel, "limited")
-                return Accepted.LIMITED
-            seq = await self._store.incr(seq_key(message.key), ttl=SEQ_TTL)
-        except BaseException:
-            await self._store.delete(key)
-            raise
+        seq = admission.sequence
+        if seq is None:
+            log.info("message over the rate limit dropped", extra=extra)
+            metrics.message_received(message.key.channel, "limited")
+            return Accepted.LIMITED
         extras = {**message.extras, SEQ_FIELD: seq}
-        if limited == "notice":
+        if admission.first_over:
             log.info("message over the rate limit; a notice will answer it", extra=extra)
             extras[NOTICE_FIELD] = "rate_limited"
         try:
-            # A mark left by an earlier run of the counter (it expired and restarted) is not about
-            # this message, which cannot have been answered before it is queued.
-            await self._store.delete(done_key(message.key, seq))
             await self._inbox.put(message.model_copy(update={"extras": extras}))
         except BaseException:
             await self._store.delete(key)
@@ -131,22 +138,17 @@ class Intake:
         metrics.message_received(message.key.channel, "new")
         return Accepted.NEW
 
-    async def _over_limit(self, message: InboundMessage) -> str | None:
-        """None within the limits; "notice" for the first message over a limit this minute, else "drop"."""
+    def _counters(self, message: InboundMessage) -> list[Counter]:
+        """The per-minute counters of this message's user and conversation that have a limit."""
         window = int(time.time() // RATE_WINDOW)
-        verdict: str | None = None
-        for limit, name in (
-            (self._limits.per_user, f"rate:user:{message.key.channel}:{message.user_id}:{window}"),
-            (self._limits.per_conversation, f"rate:conversation:{message.key}:{window}"),
-        ):
-            if limit <= 0:
-                continue
-            count = await self._store.incr(name, ttl=2 * RATE_WINDOW)
-            if count == limit + 1:
-                verdict = "notice"
-            elif count > limit and verdict is None:
-                verdict = "drop"
-        return verdict
+        return [
+            Counter(key=name, limit=limit, ttl=2 * RATE_WINDOW)
+            for limit, name in (
+                (self._limits.per_user, f"rate:user:{message.key.channel}:{message.user_id}:{window}"),
+                (self._limits.per_conversation, f"rate:conversation:{message.key}:{window}"),
+            )
+            if limit > 0
+        ]
 
     async def _skip(self, key: ConversationKey, seq: int) -> None:
         """Number ``seq`` will never be queued: let the conversation's next message go ahead."""

@@ -10,6 +10,7 @@ before the function runs, enforces a timeout, and turns every failure into a too
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import logging
@@ -51,7 +52,7 @@ class Tool:
         self.timeout = timeout
         self.arguments = _arguments_model(fn, self.name)
 
-    @property
+    @functools.cached_property
     def spec(self) -> ToolSpec:
         schema = self.arguments.model_json_schema()
         schema.pop("title", None)

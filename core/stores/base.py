@@ -20,6 +20,7 @@ import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
@@ -187,6 +188,25 @@ class Subscription(ABC):
         await self.aclose()
 
 
+@dataclass(frozen=True)
+class Counter:
+    """A counter :meth:`StateStore.admit` increments, and the limit it checks it against."""
+
+    key: str
+    limit: int
+    ttl: float
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What :meth:`StateStore.admit` decided for a new mark."""
+
+    sequence: int | None
+    """The sequence's new value; None when a counter was over its limit (the sequence is left alone)."""
+    first_over: bool = False
+    """A counter just went one over its limit (the first refusal of its window)."""
+
+
 class StateStore(ABC):
     """Key/value with TTL, set-if-absent, counters and locks, shared by all processes of a deployment."""
 
@@ -207,6 +227,40 @@ class StateStore(ABC):
     @abstractmethod
     async def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
         """Add to an integer counter (created at 0); ``ttl`` is set when the counter is created."""
+
+    async def admit(
+        self,
+        mark: str,
+        *,
+        mark_ttl: float,
+        counters: Sequence[Counter],
+        sequence: str,
+        sequence_ttl: float,
+        clear_prefix: str,
+    ) -> Admission | None:
+        """Admit a new item once: None when ``mark`` exists already.
+
+        Otherwise sets ``mark``, increments every counter (created with its ttl), and unless a counter
+        is over its limit without one being exactly one over (the first refusal, which is admitted to
+        carry a notice), increments ``sequence`` and deletes the key ``clear_prefix + str(value)``.
+        Stores that can run this atomically in one round trip override it (Redis: one Lua script).
+        """
+        if not await self.set_if_absent(mark, "1", ttl=mark_ttl):
+            return None
+        try:
+            first_over = over = False
+            for counter in counters:
+                count = await self.incr(counter.key, ttl=counter.ttl)
+                first_over |= count == counter.limit + 1
+                over |= count > counter.limit
+            if over and not first_over:
+                return Admission(sequence=None)
+            value = await self.incr(sequence, ttl=sequence_ttl)
+            await self.delete(clear_prefix + str(value))
+        except BaseException:
+            await self.delete(mark)
+            raise
+        return Admission(sequence=value, first_over=first_over)
 
     @abstractmethod
     async def ttl(self, key: str) -> float | None:

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis import exceptions as redis_errors
@@ -14,7 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from core.errors import LockError, StoreError
-from core.stores.base import StateStore
+from core.stores.base import Admission, Counter, StateStore
 from core.stores.factory import build_store
 from core.stores.memory import MemoryStore
 from core.stores.redis import RedisStore
@@ -59,6 +60,30 @@ class TestStateStoreContract:
         assert await store.delete("greeting", "other", "missing") == 2
         assert await store.get("greeting") is None
         assert await store.delete() == 0
+
+    async def test_admit_marks_once_counts_and_numbers(self, store: StateStore) -> None:
+        def admit(mark: str, limit: int = 2) -> Any:
+            return store.admit(
+                mark,
+                mark_ttl=60,
+                counters=[Counter(key="rate", limit=limit, ttl=60)],
+                sequence="seq",
+                sequence_ttl=60,
+                clear_prefix="done:",
+            )
+
+        await store.set("done:2", "left by an earlier run of the counter")
+        assert await admit("m1") == Admission(sequence=1)
+        assert await admit("m1") is None  # the same item again: not admitted, nothing counted
+        assert await admit("m2") == Admission(sequence=2)
+        assert await store.get("done:2") is None  # the new number 2 starts clean
+        # One over the limit: admitted with a flag (it carries the notice); further ones are refused
+        # without taking a number, so the sequence has no gap.
+        assert await admit("m3") == Admission(sequence=3, first_over=True)
+        assert await admit("m4") == Admission(sequence=None)
+        assert await admit("m5", limit=0) == Admission(sequence=None)
+        assert await admit("m6", limit=100) == Admission(sequence=4)
+        assert await store.ttl("seq") is not None and await store.ttl("rate") is not None
 
     async def test_value_expires_after_ttl(self, store: StateStore) -> None:
         await store.set("token", "abc", ttl=0.2)
