@@ -170,6 +170,15 @@ class ConversationStore:
 
     async def answer_to(self, conversation_id: int, platform_message_id: str) -> Message | None:
         """The stored final answer to a customer message, if it was answered before (re-processing)."""
+        _asked, answer = await self.previous_turn(conversation_id, platform_message_id)
+        return answer
+
+    async def previous_turn(
+        self, conversation_id: int, platform_message_id: str
+    ) -> tuple[int | None, Message | None]:
+        """What an earlier attempt at a customer message stored: the id of the customer's message and
+        its final answer. ``(None, None)`` for a new message; ``(id, None)`` when an attempt stored the
+        message but no answer (it failed half-way and the message is being answered again)."""
         async with self._db.session() as session:
             asked = (
                 await session.exec(
@@ -181,7 +190,7 @@ class ConversationStore:
                 )
             ).first()
             if asked is None:
-                return None
+                return None, None
             after = select(Message).where(Message.conversation_id == conversation_id, col(Message.id) > asked)
             rows = (await session.exec(after.order_by(col(Message.id)).limit(64))).all()
         answer = None
@@ -190,7 +199,7 @@ class ConversationStore:
                 break
             if row.role == "assistant" and not row.tool_calls:
                 answer = row
-        return self._sealer.open_message(answer) if answer is not None else None
+        return asked, self._sealer.open_message(answer) if answer is not None else None
 
     async def advance_summary(
         self, conversation_id: int, *, expected_upto: int, summary: str, upto: int

@@ -23,8 +23,9 @@ from core.audit import AuditLog
 from core.breaker import CircuitBreaker, counts_as_outage
 from core.context import ContextBuilder, split_turns
 from core.conversations import ConversationStore
+from core.db.database import is_outage
 from core.db.models import Conversation, Message
-from core.errors import KefuError, LLMError, ModelOutputError
+from core.errors import DatabaseError, KefuError, LLMError, ModelOutputError
 from core.faq.cache import FaqCache
 from core.faq.fallback import FaqFallback, keep_for_followup
 from core.guards import InputGuard, neutralize_control_tokens
@@ -122,10 +123,18 @@ class Engine:
         assert reply is not None  # stream() always ends with ReplyDone
         return reply
 
-    async def stream(self, message: InboundMessage) -> AsyncIterator[ReplyEvent]:
+    async def stream(
+        self, message: InboundMessage, *, raise_on_outage: bool = False
+    ) -> AsyncIterator[ReplyEvent]:
         """Answer ``message``, yielding text deltas as the model writes and always a final ReplyDone.
 
         Deltas are provisional: the ReplyDone text is what was stored and must be shown in the end.
+
+        With ``raise_on_outage``, a database that cannot be reached raises
+        :class:`~core.errors.DatabaseError` instead of ending with the apology, so the caller (the
+        worker) can answer the message again once the database is back. The next attempt builds on
+        what the failed one stored: the customer's message is not stored twice, a stored answer is
+        reused.
         """
         text = clean_text(message.text)
         if not text:
@@ -143,7 +152,9 @@ class Engine:
             async with lock:
                 async for event in self._answer(message, text):
                     yield event
-        except Exception:
+        except Exception as exc:
+            if raise_on_outage and is_outage(exc):
+                raise DatabaseError(f"database unavailable while answering ({type(exc).__name__})") from exc
             log.error("could not answer message", exc_info=True, extra=_log_extra(message))
             yield ReplyDone(reply=self._fixed(message, "apology"))
 
@@ -165,7 +176,7 @@ class Engine:
             message.key, user_id=message.user_id, language=message.language
         )
         assert conversation.id is not None
-        previous = await conversations.answer_to(conversation.id, message.message_id)
+        asked_id, previous = await conversations.previous_turn(conversation.id, message.message_id)
         if previous is not None:
             # Re-processing an answered message (a reclaimed inbox entry): same answer, no new turn.
             log.info("message answered before; reusing the stored answer", extra=_log_extra(message))
@@ -177,25 +188,30 @@ class Engine:
             turns=4 * (self._context.budget.history_turns + self._context.budget.block_turns),
             after_id=conversation.summarized_upto,
         )
-        # The customer's message is stored before the model runs: a model or process failure
-        # never loses it.
-        await conversations.append(
-            conversation.id,
-            [
-                Message(
-                    conversation_id=conversation.id,
-                    role="user",
-                    content=text,
-                    platform_message_id=message.message_id,
-                )
-            ],
-        )
-        await self._record(
-            "inbound",
-            conversation.id,
-            f"customer:{message.key.channel}:{message.user_id}",
-            {"text": text, "message_id": message.message_id, "language": message.language},
-        )
+        if asked_id is None:
+            # The customer's message is stored before the model runs: a model or process failure
+            # never loses it.
+            await conversations.append(
+                conversation.id,
+                [
+                    Message(
+                        conversation_id=conversation.id,
+                        role="user",
+                        content=text,
+                        platform_message_id=message.message_id,
+                    )
+                ],
+            )
+            await self._record(
+                "inbound",
+                conversation.id,
+                f"customer:{message.key.channel}:{message.user_id}",
+                {"text": text, "message_id": message.message_id, "language": message.language},
+            )
+        else:
+            # An earlier attempt stored the message and then failed (database outage, crash): it is
+            # answered now without being stored again or shown to the model twice.
+            history = [row for row in history if row.id is not None and row.id < asked_id]
         if conversation.state in PAUSED_STATES:
             # A person has (or is about to take) the conversation: the bot stays quiet.
             log.info("conversation is with a person; no bot answer", extra=_log_extra(message))

@@ -12,6 +12,11 @@ Entries being worked on are touched every ``reclaim_idle / 3`` seconds, so only 
 stuck process are reclaimed by others. An entry that fails ``max_deliveries`` times goes to the
 dead-letter list and the customer gets an apology instead of silence.
 
+Database outages: a turn cut short because the SQL database could not be reached is not a failure of the
+message. The worker answers it again after a short, growing pause (for up to ``outage_wait`` seconds)
+while keeping the entry: it does not count towards ``max_deliveries``, the conversation's next message
+waits behind it, and the sent record is checked again under the delivery lock before every attempt.
+
 Shutdown: :meth:`stop` stops claiming; entries being answered are finished (for up to
 ``shutdown_grace`` seconds), entries not yet started stay in the inbox for another worker to reclaim.
 """
@@ -24,9 +29,11 @@ import heapq
 import io
 import itertools
 import logging
+import random
 from dataclasses import dataclass, field
 
 from core import metrics
+from core.db.database import is_outage
 from core.delivery import SenderRegistry
 from core.engine import Engine
 from core.inbox.base import Inbox, InboxEntry
@@ -41,6 +48,8 @@ SENT_TTL = 7 * 24 * 3600.0
 _POLL_START = 0.02
 _POLL_MAX = 0.1
 _SETTLE_FOR = 300.0
+_OUTAGE_PAUSE_START = 0.2
+_OUTAGE_PAUSE_MAX = 2.0
 
 
 def sent_key(entry: InboxEntry) -> str:
@@ -85,6 +94,7 @@ class Worker:
         max_claimed: int | None = None,
         lock_ttl: float = 10.0,
         lock_wait: float = 300.0,
+        outage_wait: float = 300.0,
     ) -> None:
         self._inbox = inbox
         self._engine = engine
@@ -99,6 +109,7 @@ class Worker:
         # The delivery lock of a crashed worker frees itself after lock_ttl; a live one renews it.
         self._lock_ttl = lock_ttl
         self._lock_wait = lock_wait
+        self._outage_wait = outage_wait
         # Claim no more than this process can soon work on, so idle processes get the rest.
         self._max_claimed = max_claimed or 4 * concurrency
         self._lanes: dict[str, _Lane] = {}
@@ -257,43 +268,72 @@ class Worker:
         return False
 
     async def process(self, entry: InboxEntry) -> None:
-        """Answer one entry and acknowledge it; failures leave it for a retry or dead-letter it."""
+        """Answer one entry and acknowledge it; failures leave it for a retry or dead-letter it.
+
+        A database outage is waited out here (up to ``outage_wait`` seconds) instead of counting as a
+        failed delivery.
+        """
+        extra = _extra(entry.message)
+        loop = asyncio.get_running_loop()
+        outage_until = loop.time() + self._outage_wait
+        pause = _OUTAGE_PAUSE_START
+        for attempt in itertools.count(1):
+            try:
+                await self._answer(entry)
+                return
+            except Exception as exc:
+                if is_outage(exc) and loop.time() < outage_until:
+                    # Answered again here rather than after a reclaim: sooner, in order, and without
+                    # using up deliveries (a few seconds of outage must not dead-letter anything).
+                    # The heartbeat keeps the entry ours; shutdown's grace period bounds the wait.
+                    log.warning(
+                        "database unavailable (attempt %d); answering again shortly",
+                        attempt,
+                        exc_info=attempt == 1,  # one traceback per message, not one per attempt
+                        extra=extra,
+                    )
+                    await asyncio.sleep(random.uniform(pause / 2, pause))  # jitter: lanes not in step
+                    pause = min(pause * 2, _OUTAGE_PAUSE_MAX)
+                    continue
+                log.error("processing failed (delivery %d)", entry.deliveries, exc_info=True, extra=extra)
+                if entry.deliveries >= self._max_deliveries:
+                    await self._give_up(entry, f"{type(exc).__name__}: {exc}")
+                return
+
+    async def _answer(self, entry: InboxEntry) -> None:
+        """One attempt at an entry: answer and deliver it unless already sent, then acknowledge it."""
         message = entry.message
         extra = _extra(message)
-        try:
-            sender = self._senders.get(message.key.channel)
-            if sender is None:
-                await self._mark_done(message)
-                await self._inbox.dead_letter(entry, f"no sender for channel {message.key.channel!r}")
-                metrics.dead_lettered()
-                log.error("no sender for channel; message dead-lettered", extra=extra)
-                return
-            # Check and send under the conversation's delivery lock: a second worker holding the same
-            # entry (reclaimed from a stalled process) finds the sent record instead of sending again.
-            lock = self._store.lock(f"deliver:{message.key}", ttl=self._lock_ttl, wait=self._lock_wait)
-            async with lock:
-                if await self._store.get(sent_key(entry)) is None:
-                    notice = message.extras.get(NOTICE_FIELD)
-                    if isinstance(notice, str):
-                        await sender.send(self._fixed_reply(message, notice))
-                        metrics.reply_sent(message.key.channel, "system", message.received_at)
-                    elif await self._engine.is_paused(message.key):
-                        # A person has the conversation: the engine stores the message, nobody is sent
-                        # a bot answer.
-                        async for _ in self._engine.stream(message):
-                            pass
-                    else:
-                        reply = await sender.deliver(message, self._engine.stream(message))
-                        metrics.reply_sent(message.key.channel, reply.source.value, message.received_at)
-                    await self._record_sent(entry)
-            # Outside the lock, so the next message (maybe in another process) does not wait for it.
+        sender = self._senders.get(message.key.channel)
+        if sender is None:
             await self._mark_done(message)
-            await self._inbox.ack(entry.entry_id)
-            self.processed += 1
-        except Exception as exc:
-            log.error("processing failed (delivery %d)", entry.deliveries, exc_info=True, extra=extra)
-            if entry.deliveries >= self._max_deliveries:
-                await self._give_up(entry, f"{type(exc).__name__}: {exc}")
+            await self._inbox.dead_letter(entry, f"no sender for channel {message.key.channel!r}")
+            metrics.dead_lettered()
+            log.error("no sender for channel; message dead-lettered", extra=extra)
+            return
+        # Check and send under the conversation's delivery lock: a second worker holding the same
+        # entry (reclaimed from a stalled process) finds the sent record instead of sending again.
+        lock = self._store.lock(f"deliver:{message.key}", ttl=self._lock_ttl, wait=self._lock_wait)
+        async with lock:
+            if await self._store.get(sent_key(entry)) is None:
+                notice = message.extras.get(NOTICE_FIELD)
+                if isinstance(notice, str):
+                    await sender.send(self._fixed_reply(message, notice))
+                    metrics.reply_sent(message.key.channel, "system", message.received_at)
+                elif await self._engine.is_paused(message.key):
+                    # A person has the conversation: the engine stores the message, nobody is sent
+                    # a bot answer.
+                    async for _ in self._engine.stream(message, raise_on_outage=True):
+                        pass
+                else:
+                    events = self._engine.stream(message, raise_on_outage=True)
+                    reply = await sender.deliver(message, events)
+                    metrics.reply_sent(message.key.channel, reply.source.value, message.received_at)
+                await self._record_sent(entry)
+        # Outside the lock, so the next message (maybe in another process) does not wait for it.
+        await self._mark_done(message)
+        await self._inbox.ack(entry.entry_id)
+        self.processed += 1
 
     async def _record_sent(self, entry: InboxEntry) -> None:
         """Record a delivered reply, retrying through a short Redis outage.

@@ -153,6 +153,10 @@ def is_connection_error(exc: BaseException) -> bool:
         return False
     if exc.connection_invalidated or isinstance(exc, InterfaceError):
         return True
+    if type(exc.orig).__name__ == "InternalClientError":
+        # asyncpg, when the server's "terminating connection" notice arrived but the socket is not
+        # seen closed yet (a server shutdown or restart): the connection is unusable, a new one works.
+        return True
     sqlstate = getattr(exc.orig, "sqlstate", None)
     if isinstance(sqlstate, str):
         return sqlstate.startswith("08") or sqlstate in _TRANSIENT_SQLSTATES
@@ -163,6 +167,20 @@ def is_connection_error(exc: BaseException) -> bool:
             return "locked" in message or "busy" in message
         return True
     return False
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database could not be reached: a connection-level error itself, or a
+    :class:`~core.errors.DatabaseError` raised from one (as :func:`retrying` and the engine raise it).
+
+    Only kefu's DatabaseError is looked through: a StoreError or DeliveryError raised from a refused
+    connection is another service's outage, not the database's.
+    """
+    for _ in range(8):  # a cause chain is short; the bound guards against a cycle
+        if not isinstance(exc, DatabaseError) or exc.__cause__ is None:
+            break
+        exc = exc.__cause__
+    return is_connection_error(exc)
 
 
 async def retrying(

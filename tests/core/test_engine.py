@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
 from core.context import ContextBudget, ContextBuilder
 from core.conversations import ConversationStore
 from core.db.database import Database
-from core.db.models import Order
+from core.db.models import Message, Order
 from core.engine import DEFAULT_LIMITS, Engine, EngineLimits
-from core.errors import ModelTimeout, ModelUnavailable
+from core.errors import DatabaseError, ModelTimeout, ModelUnavailable
 from core.llm.base import ChatRequest, ChatResponse, ToolCall
 from core.llm.testing import FunctionModel
 from core.messages import ConversationKey, InboundMessage, ReplyDelta, ReplyDone, ReplySource
@@ -45,9 +45,10 @@ def make_engine(
     tools: ToolRegistry | None = None,
     limits: EngineLimits = DEFAULT_LIMITS,
     budget: ContextBudget | None = None,
+    conversations: ConversationStore | None = None,
 ) -> Engine:
     return Engine(
-        conversations=ConversationStore(db=database),
+        conversations=conversations or ConversationStore(db=database),
         store=store,
         model=model,
         tools=tools if tools is not None else ToolRegistry(),
@@ -169,6 +170,60 @@ async def test_database_failure_is_contained(tmp_path: object, store: MemoryStor
     reply = await engine.handle(inbound("hello", language="en"))
     assert reply.text == fixed_text("apology", "en")
     await broken.aclose()
+
+
+async def test_an_unreachable_database_is_raised_for_the_worker_to_retry(store: MemoryStore) -> None:
+    broken = Database(url="postgresql+asyncpg://nobody@127.0.0.1:1/none")
+    engine = make_engine(broken, store, FunctionModel(lambda r: "unused"))
+    with pytest.raises(DatabaseError):
+        async for _ in engine.stream(inbound("hello", language="en"), raise_on_outage=True):
+            pass
+    await broken.aclose()
+
+
+async def test_other_failures_still_get_the_apology_when_outages_are_raised(
+    database: Database, store: MemoryStore
+) -> None:
+    def broken(request: ChatRequest) -> str:
+        raise RuntimeError("bug")
+
+    engine = make_engine(database, store, FunctionModel(broken))
+    events = [e async for e in engine.stream(inbound("hello", language="en"), raise_on_outage=True)]
+    assert isinstance(events[-1], ReplyDone)
+    assert events[-1].reply.text == fixed_text("apology", "en")
+
+
+class OutageConversations(ConversationStore):
+    """Unreachable database when the answer is to be stored, the first ``outages`` times."""
+
+    def __init__(self, *, db: Database, outages: int) -> None:
+        super().__init__(db=db)
+        self.outages = outages
+
+    async def append(self, conversation_id: int, messages: Sequence[Message]) -> list[Message]:
+        if self.outages and any(m.role == "assistant" for m in messages):
+            self.outages -= 1
+            raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
+        return await super().append(conversation_id, messages)
+
+
+async def test_a_turn_cut_short_by_the_database_is_answered_again_storing_the_message_once(
+    database: Database, store: MemoryStore
+) -> None:
+    model = FunctionModel(lambda r: "it left the warehouse today")
+    engine = make_engine(database, store, model, conversations=OutageConversations(db=database, outages=1))
+    question = inbound("where is my order?", 3, language="en")
+    with pytest.raises(DatabaseError):
+        async for _ in engine.stream(question, raise_on_outage=True):
+            pass
+    reply = await engine.handle(question)
+    assert reply.text == "it left the warehouse today"
+    assert await transcript(database) == [
+        ("user", "where is my order?"),
+        ("assistant", "it left the warehouse today"),
+    ]
+    # The second attempt's prompt holds the question once, not also as an earlier turn.
+    assert [m.content for m in model.requests[-1].messages].count("where is my order?") == 1
 
 
 def scripted(*responses: ChatResponse | str) -> FunctionModel:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
 from core.context import ContextBudget, ContextBuilder
 from core.conversations import ConversationStore
 from core.db.database import Database
+from core.db.models import Message
 from core.delivery import ReplySender, SenderRegistry
 from core.engine import Engine
 from core.errors import DeliveryError
@@ -38,6 +39,22 @@ class RecordingSender(ReplySender):
         self.sent.append(reply)
 
 
+class OutageConversations(ConversationStore):
+    """A conversation store whose database is unreachable whenever an answer is to be stored, the
+    first ``outages`` times: the outage strikes after the model answered (asyncpg's error for a
+    server that is down)."""
+
+    def __init__(self, *, db: Database, outages: int) -> None:
+        super().__init__(db=db)
+        self.outages = outages
+
+    async def append(self, conversation_id: int, messages: Sequence[Message]) -> list[Message]:
+        if self.outages and any(m.role == "assistant" for m in messages):
+            self.outages -= 1
+            raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
+        return await super().append(conversation_id, messages)
+
+
 def message(chat: str, n: int) -> InboundMessage:
     return InboundMessage(
         key=ConversationKey(channel="test", chat_id=chat),
@@ -55,14 +72,20 @@ async def store() -> AsyncIterator[MemoryStore]:
 
 
 def build(
-    database: Database, store: MemoryStore, sender: RecordingSender, *, delay: float = 0.0
+    database: Database,
+    store: MemoryStore,
+    sender: RecordingSender,
+    *,
+    delay: float = 0.0,
+    conversations: ConversationStore | None = None,
+    outage_wait: float = 300.0,
 ) -> tuple[Intake, Worker]:
     def answer(request: ChatRequest) -> str:
         return f"answer to {request.messages[-1].content}"
 
     model = FunctionModel(answer, delay=delay)
     engine = Engine(
-        conversations=ConversationStore(db=database),
+        conversations=conversations or ConversationStore(db=database),
         store=store,
         model=model,
         tools=ToolRegistry(),
@@ -78,6 +101,7 @@ def build(
         consumer="w1",
         max_deliveries=3,
         reclaim_idle=0.05,
+        outage_wait=outage_wait,
     )
     return Intake(store=store, inbox=inbox), worker
 
@@ -182,3 +206,40 @@ async def test_messages_in_and_out_are_counted(database: Database, store: Memory
     assert sample("kefu_messages_received_total", channel="test", outcome="new") == received + 1
     assert sample("kefu_messages_received_total", channel="test", outcome="duplicate") == duplicates + 1
     assert sample("kefu_messages_sent_total", channel="test", source="model") == sent + 1
+
+
+async def test_a_database_outage_is_waited_out_and_the_real_answer_sent_once_in_order(
+    database: Database, store: MemoryStore
+) -> None:
+    sender = RecordingSender()
+    # As many failed attempts as max_deliveries: counted as deliveries, they would dead-letter it.
+    conversations = OutageConversations(db=database, outages=3)
+    intake, worker = build(database, store, sender, conversations=conversations)
+    for n in (1, 2):
+        await intake.accept(message("alice", n))
+    await run_until_empty(worker, intake)
+    assert [r.text for r in sender.sent] == ["answer to alice 1", "answer to alice 2"]
+    assert await intake.inbox.dead_letters() == []
+    conversation = await conversations.get(ConversationKey(channel="test", chat_id="alice"))
+    assert conversation is not None and conversation.id is not None
+    stored = [(m.role, m.content) for m in await conversations.messages(conversation.id)]
+    assert stored == [
+        ("user", "alice 1"),
+        ("assistant", "answer to alice 1"),
+        ("user", "alice 2"),
+        ("assistant", "answer to alice 2"),
+    ]
+
+
+async def test_an_outage_longer_than_outage_wait_counts_as_a_failed_delivery(
+    database: Database, store: MemoryStore
+) -> None:
+    sender = RecordingSender()
+    conversations = OutageConversations(db=database, outages=100)
+    intake, worker = build(database, store, sender, conversations=conversations, outage_wait=0.0)
+    await intake.accept(message("alice", 1))
+    await run_until_empty(worker, intake)
+    dead = await intake.inbox.dead_letters()
+    assert [d.message.message_id for d in dead] == ["alice-1"]
+    assert "DatabaseError" in dead[0].reason
+    assert [r.text for r in sender.sent] == [fixed_text("apology", "en")]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import shutil
+import signal
 import socket
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -92,6 +96,107 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
         yield server
     finally:
         await server.kill()
+
+
+def _postgres_bin() -> Path | None:
+    """The newest PostgreSQL server binaries installed the Debian way, if any."""
+    found = [
+        path
+        for path in Path("/usr/lib/postgresql").glob("*/bin")
+        if path.parent.name.isdigit() and (path / "postgres").exists()
+    ]
+    return max(found, key=lambda path: int(path.parent.name), default=None)
+
+
+class PostgresServer:
+    """A PostgreSQL server of the test's own (trust auth, no fsync) that the test may stop and start.
+
+    PostgreSQL refuses to run as root: under root, initdb and the server run as the ``postgres`` user in
+    a private directory it owns (pytest's tmp_path is not reachable by other users).
+    """
+
+    def __init__(self, directory: Path, bindir: Path) -> None:
+        self.directory = directory
+        self.data = directory / "data"
+        self.bindir = bindir
+        self.port = free_port()
+        self.proc: asyncio.subprocess.Process | None = None
+        self._user = "postgres" if os.geteuid() == 0 else None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+
+    async def init(self) -> None:
+        initdb = await asyncio.create_subprocess_exec(
+            str(self.bindir / "initdb"),
+            *("-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync"),
+            *("-E", "UTF8", "--locale=C"),
+            cwd=self.directory,
+            user=self._user,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _out, err = await initdb.communicate()
+        if initdb.returncode != 0:
+            raise RuntimeError(f"initdb failed: {err.decode(errors='replace')}")
+
+    async def start(self) -> None:
+        with (self.directory / "postgres.log").open("ab") as log_file:
+            self.proc = await asyncio.create_subprocess_exec(
+                str(self.bindir / "postgres"),
+                *("-D", str(self.data), "-p", str(self.port)),
+                *("-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="),
+                *("-c", "fsync=off", "-c", "full_page_writes=off"),
+                cwd=self.directory,
+                user=self._user,
+                stdout=log_file,
+                stderr=log_file,
+            )
+        dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        for _ in range(200):
+            if self.proc.returncode is not None:
+                break
+            try:
+                conn = await asyncpg.connect(dsn, timeout=1.0)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await asyncio.sleep(0.05)  # not listening yet, or "the database system is starting up"
+                continue
+            await conn.close()
+            return
+        raise RuntimeError(f"postgres did not start on port {self.port}; see {self.directory}/postgres.log")
+
+    async def stop(self) -> None:
+        """Fast shutdown (SIGINT): open transactions are rolled back, clients are disconnected."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 30)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+@pytest.fixture
+async def postgres_server(tmp_path: Path) -> AsyncIterator[PostgresServer]:
+    """A private, running PostgreSQL server (skipped where no server binaries are installed)."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries under /usr/lib/postgresql")
+    if os.geteuid() == 0:
+        directory = Path(tempfile.mkdtemp(prefix="kefu-pg-"))
+        shutil.chown(directory, "postgres", "postgres")
+    else:
+        directory = tmp_path
+    server = PostgresServer(directory, bindir)
+    try:
+        await server.init()
+        await server.start()
+        yield server
+    finally:
+        await server.stop()
+        if directory != tmp_path:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 async def _pg_admin(sql: str) -> None:
