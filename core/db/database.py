@@ -82,8 +82,11 @@ class Database:
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
         else:
-            # A pooled connection may have been cut (server restart, idle timeout): test it first.
-            kwargs["pool_pre_ping"] = True
+            # No pre-ping (three round trips per checkout with asyncpg, a tenth of a turn's CPU): a
+            # connection cut by a server restart fails its first statement, SQLAlchemy then discards
+            # the whole pool, and callers retry connection errors (``retrying``, the worker's outage
+            # retry). Recycling stops idle connections from outliving server or proxy idle timeouts.
+            kwargs["pool_recycle"] = 1800
         self._engine = create_async_engine(self.url, **kwargs)
         if self.url.get_backend_name() == "sqlite":
             event.listen(self._engine.sync_engine, "connect", _on_sqlite_connect)
