@@ -17,7 +17,8 @@ Layout in the store (all under ``prefix``)::
 A rebuild writes a whole new generation, then moves ``gen`` to it (one SET: readers see the old answers
 or the new ones, never a mix), then deletes the old generation's keys, so an edited answer is gone at
 once. Keys of a rebuild that died half-way were never live and expire. A lookup is one GET: the live
-generation is remembered for ``generation_ttl`` seconds and re-read after that.
+generation is remembered for ``generation_ttl`` seconds and re-read after that, or at once after a miss,
+so a rebuild by another process never turns its hits into misses.
 """
 
 from __future__ import annotations
@@ -86,10 +87,18 @@ class FaqCache:
         normalized = normalize_question(text)
         if not normalized or len(normalized) > self._max_chars:
             return None
-        generation = await self._live_generation()
+        generation, fresh = await self._live_generation()
         if generation is None:
             return None
         raw = await self._store.get(self._answer_key(generation, language, normalized))
+        if raw is None and not fresh:
+            # Another process may have rebuilt the cache since the generation was read (its old keys
+            # are gone): a miss re-reads it. A miss goes to the model or retrieval anyway, so the
+            # extra GET costs nothing a customer notices; a hit never pays it.
+            self._generation_read_at = float("-inf")
+            latest, _ = await self._live_generation()
+            if latest is not None and latest != generation:
+                raw = await self._store.get(self._answer_key(latest, language, normalized))
         if raw is None:
             return None
         try:
@@ -197,12 +206,14 @@ class FaqCache:
         digest = hashlib.blake2b(normalized.encode("utf-8"), digest_size=16).hexdigest()
         return f"{self._prefix}{generation}:{language}:{digest}"
 
-    async def _live_generation(self) -> str | None:
+    async def _live_generation(self) -> tuple[str | None, bool]:
+        """The live generation, and whether it was just read from the store (not remembered)."""
         now = self._clock()
         if self._generation is None or now - self._generation_read_at >= self._generation_ttl:
             self._generation = await self._store.get(f"{self._prefix}gen")
             self._generation_read_at = now
-        return self._generation
+            return self._generation, True
+        return self._generation, False
 
     async def _drop_generation(self, generation: str) -> None:
         manifest = f"{self._prefix}{generation}:manifest"
