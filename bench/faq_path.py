@@ -33,7 +33,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.faq_cache import demo_entries, pct, variants
-from bench.load import PG_ADMIN, REDIS_URL, SECRET, free_port, update, wait_healthy
+from bench.load import PG_ADMIN, REDIS_URL, SECRET, free_port, start_bot_api, update, wait_healthy
 from core.db.database import Database
 from core.db.migrate import upgrade_async
 from core.demo import seed_demo
@@ -73,13 +73,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     recorder = Recorder()
-    app = web.Application()
-    app.router.add_post("/bot{token}/{method}", recorder.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    api_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", api_port).start()
-    fake_api = f"http://127.0.0.1:{api_port}"
+    runner, fake_api = await start_bot_api(recorder.handle)
 
     db_name = f"kefu_bench_{uuid.uuid4().hex[:10]}"
     database_url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{db_name}"

@@ -152,6 +152,17 @@ class FakeTelegram:
         return web.json_response({"ok": True, "result": result})
 
 
+async def start_bot_api(handle: Any) -> tuple[web.AppRunner, str]:
+    """Serve ``handle`` as the Bot API methods on a free port; returns the runner and the base URL."""
+    app = web.Application()
+    app.router.add_post("/bot{token}/{method}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
 def update(update_id: int, chat: int, text: str) -> dict[str, Any]:
     person = {"id": chat, "is_bot": False, "first_name": "Load", "language_code": "en"}
     return {
@@ -264,12 +275,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     fake = FakeTelegram()
-    web_app = web.Application()
-    web_app.router.add_post("/bot{token}/{method}", fake.handle)
-    runner = web.AppRunner(web_app, access_log=None)
-    await runner.setup()
-    api_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", api_port).start()
+    runner, fake_api = await start_bot_api(fake.handle)
 
     db_name = f"kefu_bench_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(PG_ADMIN)
@@ -277,7 +283,6 @@ async def main() -> None:
     import redis.asyncio as redis
 
     await redis.Redis.from_url(REDIS_URL).flushdb()
-    fake_api = f"http://127.0.0.1:{api_port}"
     database_url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{db_name}"
     results: dict[str, dict[str, float]] = {}
     workdir = tempfile.mkdtemp(prefix="kefu-bench-")  # the server's kefu.key goes here

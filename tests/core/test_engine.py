@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import pytest
 
 from core.context import ContextBudget, ContextBuilder
 from core.conversations import ConversationStore
 from core.db.database import Database
-from core.db.models import Message, Order
+from core.db.models import Order
 from core.engine import DEFAULT_LIMITS, Engine, EngineLimits
 from core.errors import DatabaseError, ModelTimeout, ModelUnavailable
 from core.llm.base import ChatRequest, ChatResponse, ToolCall
@@ -20,6 +20,7 @@ from core.llm.testing import FunctionModel
 from core.messages import ConversationKey, InboundMessage, ReplyDelta, ReplyDone, ReplySource
 from core.stores.memory import MemoryStore
 from core.texts import text as fixed_text
+from tests.core.outages import OutageConversations
 from tools import default_registry
 from tools.context import ToolContext
 from tools.registry import ToolRegistry
@@ -191,20 +192,6 @@ async def test_other_failures_still_get_the_apology_when_outages_are_raised(
     events = [e async for e in engine.stream(inbound("hello", language="en"), raise_on_outage=True)]
     assert isinstance(events[-1], ReplyDone)
     assert events[-1].reply.text == fixed_text("apology", "en")
-
-
-class OutageConversations(ConversationStore):
-    """Unreachable database when the answer is to be stored, the first ``outages`` times."""
-
-    def __init__(self, *, db: Database, outages: int) -> None:
-        super().__init__(db=db)
-        self.outages = outages
-
-    async def append(self, conversation_id: int, messages: Sequence[Message]) -> list[Message]:
-        if self.outages and any(m.role == "assistant" for m in messages):
-            self.outages -= 1
-            raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
-        return await super().append(conversation_id, messages)
 
 
 async def test_a_turn_cut_short_by_the_database_is_answered_again_storing_the_message_once(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import pytest
 
 from core.context import ContextBudget, ContextBuilder
 from core.conversations import ConversationStore
 from core.db.database import Database
-from core.db.models import Message
 from core.delivery import ReplySender, SenderRegistry
 from core.engine import Engine
 from core.errors import DeliveryError
@@ -22,6 +21,7 @@ from core.messages import ConversationKey, InboundMessage, Reply
 from core.stores.memory import MemoryStore
 from core.texts import text as fixed_text
 from core.worker import Worker
+from tests.core.outages import OutageConversations
 from tools.registry import ToolRegistry
 
 
@@ -37,22 +37,6 @@ class RecordingSender(ReplySender):
             self.failures -= 1
             raise DeliveryError("platform said no")
         self.sent.append(reply)
-
-
-class OutageConversations(ConversationStore):
-    """A conversation store whose database is unreachable whenever an answer is to be stored, the
-    first ``outages`` times: the outage strikes after the model answered (asyncpg's error for a
-    server that is down)."""
-
-    def __init__(self, *, db: Database, outages: int) -> None:
-        super().__init__(db=db)
-        self.outages = outages
-
-    async def append(self, conversation_id: int, messages: Sequence[Message]) -> list[Message]:
-        if self.outages and any(m.role == "assistant" for m in messages):
-            self.outages -= 1
-            raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
-        return await super().append(conversation_id, messages)
 
 
 def message(chat: str, n: int) -> InboundMessage:
