@@ -79,7 +79,7 @@ async def running(
             consumer=consumer_name(),
             concurrency=settings.worker_concurrency,
         )
-        tasks.append(asyncio.create_task(the_worker.run(), name="worker"))
+        tasks.append(asyncio.create_task(the_worker.run(after=runtime.faq_synced), name="worker"))
     for module in platform_modules() if receivers else ():
         if hasattr(module, "background") and module.enabled(settings):
             coroutines: list[Coroutine[Any, Any, Any]] = module.background(settings, runtime)

@@ -64,6 +64,8 @@ class Runtime:
     audit: AuditLog
     faq_index: RetrieverHolder
     faq_cache: FaqCache
+    faq_synced: asyncio.Event
+    """Set once this process's first FAQ sync (cache and retrieval index) is over."""
 
     @classmethod
     @asynccontextmanager
@@ -84,9 +86,14 @@ class Runtime:
             audit = AuditLog(db=db, keyring=keyring)
             faq_index = RetrieverHolder(embedder=DEFAULT_EMBEDDER if settings.faq_embeddings else None)
             faq_cache = FaqCache(store=store)
+            faq_synced = asyncio.Event()
             watcher = asyncio.create_task(
                 watch_faq(
-                    db=db, store=store, retriever_holder=faq_index, interval=settings.faq_refresh_seconds
+                    db=db,
+                    store=store,
+                    retriever_holder=faq_index,
+                    interval=settings.faq_refresh_seconds,
+                    first_sync=faq_synced,
                 ),
                 name="faq-watch",
             )
@@ -161,6 +168,7 @@ class Runtime:
                     audit=audit,
                     faq_index=faq_index,
                     faq_cache=faq_cache,
+                    faq_synced=faq_synced,
                 )
             finally:
                 await engine.wait_idle()

@@ -119,8 +119,18 @@ class Worker:
         self._stopping = asyncio.Event()
         self.processed = 0
 
-    async def run(self) -> None:
-        """Claim and process entries until :meth:`stop`; then finish what is being answered."""
+    async def run(self, *, after: asyncio.Event | None = None, wait: float = 120.0) -> None:
+        """Claim and process entries until :meth:`stop`; then finish what is being answered.
+
+        With ``after``, claiming starts once it is set (or after ``wait`` seconds): a process that just
+        started claims nothing before its FAQ cache and index are built, so a FAQ question is not
+        answered "I don't know" while another process could answer it.
+        """
+        if after is not None:
+            waiting = [asyncio.ensure_future(after.wait()), asyncio.ensure_future(self._stopping.wait())]
+            await asyncio.wait(waiting, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            for future in waiting:
+                future.cancel()
         heartbeat = asyncio.create_task(self._heartbeat(), name=f"heartbeat:{self.consumer}")
         try:
             await self._claim_loop()

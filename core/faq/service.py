@@ -144,14 +144,24 @@ async def sync_faq(
 
 
 async def watch_faq(
-    *, db: Database, store: StateStore, retriever_holder: RetrieverHolder, interval: float = 30.0
+    *,
+    db: Database,
+    store: StateStore,
+    retriever_holder: RetrieverHolder,
+    interval: float = 30.0,
+    first_sync: asyncio.Event | None = None,
 ) -> None:
-    """Run :func:`sync_faq` now and then every ``interval`` seconds until cancelled; errors are logged."""
+    """Run :func:`sync_faq` now and then every ``interval`` seconds until cancelled; errors are logged.
+
+    ``first_sync`` is set once the first attempt is over (built, or failed and logged).
+    """
     while True:
         try:
             await sync_faq(db=db, store=store, retriever_holder=retriever_holder)
         except Exception:
             log.error("FAQ refresh failed; serving the previous FAQ", exc_info=True)
+        if first_sync is not None:
+            first_sync.set()
         await asyncio.sleep(interval)
 
 

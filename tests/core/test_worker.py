@@ -227,3 +227,32 @@ async def test_an_outage_longer_than_outage_wait_counts_as_a_failed_delivery(
     assert [d.message.message_id for d in dead] == ["alice-1"]
     assert "DatabaseError" in dead[0].reason
     assert [r.text for r in sender.sent] == [fixed_text("apology", "en")]
+
+
+async def test_a_worker_claims_nothing_until_its_process_is_ready(
+    database: Database, store: MemoryStore
+) -> None:
+    """A process that just started answers nothing before its FAQ cache and index are built."""
+    sender = RecordingSender()
+    intake, worker = build(database, store, sender)
+    ready = asyncio.Event()
+    task = asyncio.create_task(worker.run(after=ready))
+    await intake.accept(message("alice", 0))
+    await asyncio.sleep(0.3)
+    assert sender.sent == [] and await intake.inbox.depth() == 1
+    ready.set()
+    for _ in range(200):
+        if sender.sent:
+            break
+        await asyncio.sleep(0.02)
+    assert [r.text for r in sender.sent] == ["answer to alice 0"]
+    await worker.stop()
+    await asyncio.wait_for(task, 10)
+
+
+async def test_a_worker_still_waiting_to_start_stops_at_once(database: Database, store: MemoryStore) -> None:
+    _intake, worker = build(database, store, RecordingSender())
+    task = asyncio.create_task(worker.run(after=asyncio.Event()))
+    await asyncio.sleep(0.05)
+    await worker.stop()
+    await asyncio.wait_for(task, 2)
