@@ -126,8 +126,9 @@ async def test_a_redis_restart_loses_nothing_and_the_worker_carries_on(
     for resource in (gateway_store, gateway_inbox, worker_store, worker_inbox):
         await resource.aclose()
 
-    # Every accepted message has exactly one reply, in order. One caught mid-answer by the outage may
-    # have been answered with the apology (the engine cannot read the conversation), never twice.
+    # Every accepted message has exactly one reply, in order. A turn caught mid-answer by the outage may
+    # have been answered with the apology (the engine cannot reach the store) — at most one per
+    # conversation, since each conversation has one turn in flight — and never twice.
     assert Counter(r.in_reply_to for r in sender.sent) == {f"{c}-{n}": 1 for c in chats for n in range(6)}
     apology = fixed_text("apology", "en")
     for chat in chats:
@@ -136,4 +137,4 @@ async def test_a_redis_restart_loses_nothing_and_the_worker_carries_on(
         ]
         for n, text in enumerate(sender.texts(chat)):
             assert text in (f"answer to {chat} {n}", apology)
-    assert sum(r.text == apology for r in sender.sent) <= 2
+    assert sum(r.text == apology for r in sender.sent) <= len(chats)
