@@ -24,16 +24,23 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import asyncpg
-from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.faq_cache import demo_entries, pct, variants
-from bench.load import PG_ADMIN, REDIS_URL, SECRET, free_port, start_bot_api, update, wait_healthy
+from bench.load import (
+    PG_ADMIN,
+    REDIS_URL,
+    SECRET,
+    FakeTelegram,
+    free_port,
+    start_bot_api,
+    update,
+    wait_healthy,
+)
 from core.db.database import Database
 from core.db.migrate import upgrade_async
 from core.demo import seed_demo
@@ -43,25 +50,15 @@ LOAD = str(Path(__file__).resolve().parent / "load.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Recorder:
-    """A Bot API that records when each chat got its first message, and its text."""
+class Recorder(FakeTelegram):
+    """The Bot API of bench/load.py, recording when each chat got its first message, and its text."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.replies: dict[int, tuple[float, str]] = {}
 
-    async def handle(self, request: web.Request) -> web.Response:
-        method = request.match_info["method"]
-        params: dict[str, Any] = (
-            dict(await request.post()) if request.content_type != "application/json" else await request.json()
-        )
-        result: Any = True
-        if method == "getMe":
-            result = {"id": 7098765432, "is_bot": True, "first_name": "kefu", "username": "kefu_load_bot"}
-        elif method in ("sendMessage", "editMessageText"):
-            chat = int(params.get("chat_id", 0))
-            self.replies.setdefault(chat, (time.perf_counter(), str(params.get("text", ""))))
-            result = {"message_id": 1, "date": int(time.time()), "chat": {"id": chat, "type": "private"}}
-        return web.json_response({"ok": True, "result": result})
+    def record(self, chat: int, text: str) -> None:
+        self.replies.setdefault(chat, (time.perf_counter(), text))
 
 
 async def main() -> None:

@@ -139,9 +139,7 @@ class FakeTelegram:
             result = {"id": 7098765432, "is_bot": True, "first_name": "kefu", "username": "kefu_load_bot"}
         elif method in ("sendMessage", "editMessageText"):
             text = str(params.get("text", ""))
-            # A slow answer is shown as a draft first and edited into its final text: the answer has
-            # arrived when its final text appears, by either method.
-            self.arrivals.setdefault(text, []).append(time.perf_counter())
+            self.record(int(params.get("chat_id", 0)), text)
             self._next += 1
             result = {
                 "message_id": self._next,
@@ -150,6 +148,11 @@ class FakeTelegram:
                 "text": text,
             }
         return web.json_response({"ok": True, "result": result})
+
+    def record(self, chat: int, text: str) -> None:
+        # A slow answer is shown as a draft first and edited into its final text: the answer has
+        # arrived when its final text appears, by either method.
+        self.arrivals.setdefault(text, []).append(time.perf_counter())
 
 
 async def start_bot_api(handle: Any) -> tuple[web.AppRunner, str]:
