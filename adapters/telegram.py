@@ -1,6 +1,6 @@
 """Telegram (Bot API through aiogram 3): updates in, replies out.
 
-Inbound, pure: :func:`to_inbound` turns an aiogram :class:`~aiogram.types.Update` into an
+Inbound, pure: :func:`to_inbound` turns an :class:`~adapters.telegram_update.Update` into an
 :class:`InboundMessage`, or ``None`` for updates the bot does not answer (edits, channel posts, other
 bots, service messages, group chatter that does not mention or reply to the bot).
 
@@ -46,8 +46,9 @@ from aiogram.methods import (
     TelegramMethod,
 )
 from aiogram.methods.base import Response
-from aiogram.types import Message, MessageEntity, ReplyParameters, Update
+from aiogram.types import ReplyParameters
 
+from adapters.telegram_update import MessageEntity, Update
 from core.delivery import ReplySender
 from core.errors import DeliveryError
 from core.language import detect_language
@@ -84,25 +85,6 @@ FIXED_ANSWERS = {"start": "greeting", "help": "telegram_help"}
 """Commands answered with a fixed text instead of the model."""
 
 _CHAT_TYPES = frozenset({"private", "group", "supergroup"})
-_MEDIA = (
-    "photo",
-    "sticker",
-    "voice",
-    "audio",
-    "video",
-    "video_note",
-    "animation",
-    "document",
-    "location",
-    "venue",
-    "contact",
-    "poll",
-    "dice",
-    "game",
-    "story",
-    "paid_media",
-    "checklist",
-)
 _COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?=\s|$)")
 
 
@@ -150,13 +132,6 @@ def _strip_handle(text: str, bot: BotIdentity) -> str:
     return re.sub(r"[ \t]{2,}", " ", stripped).strip()
 
 
-def _media_kind(message: Message) -> str | None:
-    for kind in _MEDIA:
-        if getattr(message, kind, None):
-            return kind
-    return None
-
-
 def to_inbound(update: Update, *, bot: BotIdentity) -> InboundMessage | None:
     """The customer message in ``update``, or None when the bot should not answer it.
 
@@ -179,7 +154,7 @@ def to_inbound(update: Update, *, bot: BotIdentity) -> InboundMessage | None:
     if message.text is not None:
         text, entities = message.text, list(message.entities or [])
     else:
-        media = _media_kind(message)
+        media = message.media_kind()
         if media is None:
             return None
         text, entities = message.caption or "", list(message.caption_entities or [])

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import re
 import weakref
@@ -38,7 +37,6 @@ from aiogram.exceptions import (
     TelegramUnauthorizedError,
 )
 from aiogram.methods import TelegramMethod
-from aiogram.types import Update
 from aiogram.utils.token import TokenValidationError
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
@@ -46,6 +44,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from adapters import telegram as adapter
+from adapters.telegram_update import Update
 from bots.http import BodyTooLarge, read_limited_body
 from core.errors import ConfigError
 from core.intake import Accepted, Intake
@@ -175,17 +174,10 @@ async def telegram_webhook(request: Request) -> Response:
         return _plain("Payload Too Large", 413)
     except ClientDisconnect:
         return _plain("Bad Request", 400)
-    try:
-        data = json.loads(body)
-    except ValueError:
-        log.warning("Telegram webhook body from %s is not JSON", peer)
-        return _plain("Bad Request", 400)
-    if not isinstance(data, dict):
-        return _plain("Bad Request", 400)
     runtime: Runtime = request.app.state.runtime
     telegram = _telegram(settings, runtime)
     try:
-        update = Update.model_validate(data, context={"bot": telegram.bot})
+        update = Update.model_validate_json(body)
     except ValidationError:
         log.warning("Telegram webhook body from %s is not an update", peer)
         return _plain("Bad Request", 400)
@@ -347,7 +339,7 @@ class Poller:
                 log.error("Telegram sent an update without update_id; skipped")
                 continue
             try:
-                update = Update.model_validate(item, context={"bot": self._bot})
+                update = Update.model_validate(item)
                 message = adapter.to_inbound(update, bot=identity)
             except Exception:
                 log.error("Telegram update %d could not be read; skipped", update_id, exc_info=True)

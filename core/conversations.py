@@ -147,6 +147,14 @@ class ConversationStore:
             found = (await session.exec(select(Conversation).where(Conversation.key == str(key)))).first()
         return self._sealer.open_conversation(found) if found is not None else None
 
+    async def state(self, key: ConversationKey) -> str | None:
+        """The conversation's hand-off state, None before its first message: one narrow read on the
+        worker's hot path: no transaction around it, nothing to decrypt."""
+        async with self._db.engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            result = await conn.execute(select(Conversation.state).where(Conversation.key == str(key)))
+            return result.scalar_one_or_none()
+
     async def recent_messages(self, conversation_id: int, *, turns: int, after_id: int = 0) -> list[Message]:
         """At most the last ``turns`` customer turns after message ``after_id`` (each customer message
         and everything after it), oldest first."""

@@ -6,6 +6,10 @@ the model/tool loop, persist the customer's message, every tool call and result 
 return the reply. After the reply, turns that left the window are folded into the summary in the
 background. Failures are contained per message: the customer always gets an answer (a fixed apology in
 their language when nothing else works) and the error is logged with the conversation.
+
+Frequent questions can skip the wait: :meth:`Engine.from_cache` finds the FAQ cache's answer without
+touching the conversation, the worker sends it at once, and :meth:`Engine.stream` with ``sent`` then
+stores the turn as if it had been answered the ordinary way.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from core.conversations import ConversationStore
 from core.db.database import is_outage
 from core.db.models import Conversation, Message
 from core.errors import DatabaseError, KefuError, LLMError, ModelOutputError
-from core.faq.cache import FaqCache
+from core.faq.cache import CachedAnswer, FaqCache
 from core.faq.fallback import FaqFallback, keep_for_followup
 from core.guards import InputGuard, neutralize_control_tokens
 from core.guards.output_guard import OutputModerator, pinned_values
@@ -123,8 +127,35 @@ class Engine:
         assert reply is not None  # stream() always ends with ReplyDone
         return reply
 
+    async def from_cache(self, message: InboundMessage) -> CachedAnswer | None:
+        """The FAQ cache's answer to ``message`` when it needs nothing of the conversation, else None.
+
+        No SQL: normalisation, the input guard and one store read. None for whatever an ordinary turn
+        treats differently: empty or over-long input, a request for a person, input the guard does not
+        simply allow. The caller sends the answer and then stores the turn with :meth:`stream`
+        (``sent=``); it checks first that no person has the conversation.
+        """
+        if self._faq_cache is None:
+            return None
+        text = clean_text(message.text)
+        if not text or len(text) > self._limits.max_input_chars or wants_human(text, message.extras):
+            return None
+        if self._guard is not None:
+            decision = self._guard.check(text)
+            if decision.action != "allow":
+                return None
+            text = decision.text
+        hit = await self._faq_cache.lookup(neutralize_control_tokens(text), message.language)
+        if hit is not None:
+            metrics.faq_cache_lookup(hit=True)  # a miss is counted by the ordinary turn that follows
+        return hit
+
+    def cached_reply(self, message: InboundMessage, cached: CachedAnswer) -> Reply:
+        """The reply that delivers a :meth:`from_cache` answer."""
+        return self._reply(message, cached.answer, ReplySource.FAQ_CACHE)
+
     async def stream(
-        self, message: InboundMessage, *, raise_on_outage: bool = False
+        self, message: InboundMessage, *, raise_on_outage: bool = False, sent: CachedAnswer | None = None
     ) -> AsyncIterator[ReplyEvent]:
         """Answer ``message``, yielding text deltas as the model writes and always a final ReplyDone.
 
@@ -135,6 +166,9 @@ class Engine:
         worker) can answer the message again once the database is back. The next attempt builds on
         what the failed one stored: the customer's message is not stored twice, a stored answer is
         reused.
+
+        With ``sent``, that cache answer already reached the customer: the turn is stored with it (once,
+        however often this is repeated) and nothing else is asked.
         """
         text = clean_text(message.text)
         if not text:
@@ -150,7 +184,7 @@ class Engine:
                 f"lock:conversation:{message.key}", ttl=self._limits.lock_ttl, wait=self._limits.lock_wait
             )
             async with lock:
-                async for event in self._answer(message, text):
+                async for event in self._answer(message, text, sent):
                     yield event
         except Exception as exc:
             if raise_on_outage and is_outage(exc):
@@ -160,8 +194,7 @@ class Engine:
 
     async def is_paused(self, key: ConversationKey) -> bool:
         """True while a person has (or was asked to take) the conversation: the bot does not answer."""
-        conversation = await self._conversations.get(key)
-        return conversation is not None and conversation.state in PAUSED_STATES
+        return await self._conversations.state(key) in PAUSED_STATES
 
     async def wait_idle(self) -> None:
         """Wait for background work (summaries, FAQ hit counts) to finish: at shutdown and in tests."""
@@ -170,7 +203,9 @@ class Engine:
         if self._faq_cache is not None:
             await self._faq_cache.wait_idle()
 
-    async def _answer(self, message: InboundMessage, text: str) -> AsyncIterator[ReplyEvent]:
+    async def _answer(
+        self, message: InboundMessage, text: str, sent: CachedAnswer | None
+    ) -> AsyncIterator[ReplyEvent]:
         conversations = self._conversations
         conversation = await conversations.get_or_create(
             message.key, user_id=message.user_id, language=message.language
@@ -212,12 +247,12 @@ class Engine:
             # An earlier attempt stored the message and then failed (database outage, crash): it is
             # answered now without being stored again or shown to the model twice.
             history = [row for row in history if row.id is not None and row.id < asked_id]
-        if conversation.state in PAUSED_STATES:
+        if sent is None and conversation.state in PAUSED_STATES:
             # A person has (or is about to take) the conversation: the bot stays quiet.
             log.info("conversation is with a person; no bot answer", extra=_log_extra(message))
             yield ReplyDone(reply=self._reply(message, "", ReplySource.SYSTEM))
             return
-        if wants_human(text, message.extras):
+        if sent is None and wants_human(text, message.extras):
             # The customer asked for a person: no guard, no model; pause the bot and say so.
             await customer_request(
                 conversations,
@@ -233,8 +268,12 @@ class Engine:
             return
         turn = _Turn(rows=[], pinned=extract_facts(text, conversation.pinned))
         started = time.perf_counter()
-        async for delta in self._respond(message, conversation, history, text, turn):
-            yield ReplyDelta(text=delta)
+        if sent is not None:
+            turn.answer, turn.source = sent.answer, ReplySource.FAQ_CACHE
+            turn.meta = {"faq_entry": sent.entry_id, "sent_first": True}
+        else:
+            async for delta in self._respond(message, conversation, history, text, turn):
+                yield ReplyDelta(text=delta)
         if turn.source is ReplySource.MODEL and self._moderator is not None:
             await self._moderate(conversation.id, message, turn)
         meta = turn.meta or {}

@@ -8,6 +8,11 @@ gives up waiting after ``order_wait`` seconds so a lost predecessor can never st
 
 Exactly once: a reply that was already delivered (recorded in the shared store) is never sent again when
 a message is processed a second time (a reclaimed entry, a crash between sending and acknowledging).
+
+FAQ cache answers go out first: a message the FAQ cache answers (:meth:`Engine.from_cache`) is sent
+before its turn is stored, and its sent record holds the answer until the turn is stored from it. A
+worker that finds such a record (the first one crashed, or the database was down) stores the turn
+without sending anything.
 Entries being worked on are touched every ``reclaim_idle / 3`` seconds, so only the entries of a dead or
 stuck process are reclaimed by others. An entry that fails ``max_deliveries`` times goes to the
 dead-letter list and the customer gets an apology instead of silence.
@@ -28,23 +33,28 @@ import contextlib
 import heapq
 import io
 import itertools
+import json
 import logging
 import random
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from core import metrics
 from core.db.database import is_outage
-from core.delivery import SenderRegistry
+from core.delivery import ReplySender, SenderRegistry
 from core.engine import Engine
+from core.faq.cache import CachedAnswer
 from core.inbox.base import Inbox, InboxEntry
 from core.intake import DONE_TTL, NOTICE_FIELD, done_key, sequence_of
-from core.messages import InboundMessage, Reply, ReplySource
+from core.messages import InboundMessage, Reply, ReplyDone, ReplyEvent, ReplySource
 from core.stores.base import StateStore
 from core.texts import text as fixed_text
 
 log = logging.getLogger(__name__)
 
 SENT_TTL = 7 * 24 * 3600.0
+SENT = "1"
+"""The sent record of a reply whose turn is stored; a FAQ answer sent first is recorded as its JSON."""
 _POLL_START = 0.02
 _POLL_MAX = 0.1
 _SETTLE_FOR = 300.0
@@ -54,6 +64,11 @@ _OUTAGE_PAUSE_MAX = 2.0
 
 def sent_key(entry: InboxEntry) -> str:
     return f"sent:{entry.message.key.channel}:{entry.message.message_id}"
+
+
+async def _final(reply: Reply) -> AsyncIterator[ReplyEvent]:
+    """An engine stream that is already finished: just the final reply."""
+    yield ReplyDone(reply=reply)
 
 
 def _extra(message: InboundMessage) -> dict[str, str]:
@@ -325,27 +340,52 @@ class Worker:
         # entry (reclaimed from a stalled process) finds the sent record instead of sending again.
         lock = self._store.lock(f"deliver:{message.key}", ttl=self._lock_ttl, wait=self._lock_wait)
         async with lock:
-            if await self._store.get(sent_key(entry)) is None:
-                notice = message.extras.get(NOTICE_FIELD)
-                if isinstance(notice, str):
-                    await sender.send(self._fixed_reply(message, notice))
-                    metrics.reply_sent(message.key.channel, "system", message.received_at)
-                elif await self._engine.is_paused(message.key):
-                    # A person has the conversation: the engine stores the message, nobody is sent
-                    # a bot answer.
-                    async for _ in self._engine.stream(message, raise_on_outage=True):
-                        pass
-                else:
-                    events = self._engine.stream(message, raise_on_outage=True)
-                    reply = await sender.deliver(message, events)
-                    metrics.reply_sent(message.key.channel, reply.source.value, message.received_at)
-                await self._record_sent(entry)
+            record = await self._store.get(sent_key(entry))
+            if record is None:
+                record = await self._deliver(message, sender)
+                await self._record_sent(entry, record)
+            if record != SENT:
+                await self._store_sent_first(message, record)
         # Outside the lock, so the next message (maybe in another process) does not wait for it.
         await self._mark_done(message)
         await self._inbox.ack(entry.entry_id)
         self.processed += 1
 
-    async def _record_sent(self, entry: InboxEntry) -> None:
+    async def _deliver(self, message: InboundMessage, sender: ReplySender) -> str:
+        """Answer ``message`` and send the reply; returns its sent record."""
+        notice = message.extras.get(NOTICE_FIELD)
+        if isinstance(notice, str):
+            await sender.send(self._fixed_reply(message, notice))
+            metrics.reply_sent(message.key.channel, "system", message.received_at)
+            return SENT
+        cached = await self._engine.from_cache(message)
+        if await self._engine.is_paused(message.key):
+            # A person has the conversation: the engine stores the message, nobody is sent a bot answer.
+            async for _ in self._engine.stream(message, raise_on_outage=True):
+                pass
+            return SENT
+        if cached is not None:
+            reply = await sender.deliver(message, _final(self._engine.cached_reply(message, cached)))
+            metrics.reply_sent(message.key.channel, reply.source.value, message.received_at)
+            if reply.source is not ReplySource.FAQ_CACHE:
+                return SENT  # the platform answered it with a fixed text of its own (a command, media)
+            return json.dumps({"faq_entry": cached.entry_id, "answer": cached.answer}, ensure_ascii=False)
+        reply = await sender.deliver(message, self._engine.stream(message, raise_on_outage=True))
+        metrics.reply_sent(message.key.channel, reply.source.value, message.received_at)
+        return SENT
+
+    async def _store_sent_first(self, message: InboundMessage, record: str) -> None:
+        """Store the turn of a FAQ answer that was sent before it was stored (once, however often)."""
+        try:
+            data = json.loads(record)
+            cached = CachedAnswer(entry_id=int(data["faq_entry"]), answer=str(data["answer"]))
+        except (ValueError, KeyError, TypeError):
+            log.error("unreadable sent record %r; turn not stored", record[:80], extra=_extra(message))
+            return
+        async for _ in self._engine.stream(message, raise_on_outage=True, sent=cached):
+            pass
+
+    async def _record_sent(self, entry: InboxEntry, record: str) -> None:
         """Record a delivered reply, retrying through a short Redis outage.
 
         Not left to a reclaim: the reply is already out, and a reclaimed entry without its sent record
@@ -357,7 +397,7 @@ class Worker:
         delay = _POLL_START
         while True:
             try:
-                await self._store.set(sent_key(entry), "1", ttl=SENT_TTL)
+                await self._store.set(sent_key(entry), record, ttl=SENT_TTL)
                 return
             except Exception:
                 if loop.time() >= deadline:

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from core.errors import ConfigError, StoreError
 from core.inbox.base import DeadLetter, Inbox, InboxEntry
 from core.messages import InboundMessage
+from core.stores.pipelining import Pipeliner
 from core.stores.redis import connect
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ class RedisInbox(Inbox):
             )
         self.client = client
         self._touch = client.register_script(_TOUCH_SCRIPT)
+        # Messages come from many concurrent webhook requests: their XADDs share round trips.
+        self._pipeliner = Pipeliner(client)
         self._group_ready = False
 
     async def _ensure_group(self) -> None:
@@ -146,7 +149,9 @@ class RedisInbox(Inbox):
         with _mapped("XADD"):
             if self._maxlen is not None and await self.client.xlen(self.stream) >= self._maxlen:
                 raise StoreError(f"inbox {self.stream} is full ({self._maxlen} unfinished entries)")
-            entry_id = await self.client.xadd(self.stream, {"message": message.model_dump_json()})
+            entry_id = await self._pipeliner.execute(
+                "XADD", self.stream, "*", "message", message.model_dump_json()
+            )
         return _text(entry_id)
 
     async def claim(self, consumer: str, *, count: int = 16, block: float = 1.0) -> list[InboxEntry]:
@@ -280,6 +285,7 @@ class RedisInbox(Inbox):
 
     async def aclose(self) -> None:
         """Close the connection pool, if this inbox opened it."""
+        await self._pipeliner.aclose()
         if self._owns_client:
             await self.client.aclose(close_connection_pool=True)
 

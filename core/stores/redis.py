@@ -30,6 +30,7 @@ from redis.backoff import ExponentialBackoff
 
 from core.errors import ConfigError, LockError, StoreError
 from core.stores.base import Admission, Counter, StateStore, StoreLock, Subscription
+from core.stores.pipelining import Pipeliner
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,8 @@ class RedisStore(StateStore):
         self.client = client
         self._incr = client.register_script(_INCR_SCRIPT)
         self._admit = client.register_script(_ADMIT_SCRIPT)
+        # Admissions come from many concurrent webhook requests: they share round trips.
+        self._pipeliner = Pipeliner(client)
 
     def key(self, key: str) -> str:
         """The Redis key that holds ``key``."""
@@ -309,7 +312,13 @@ class RedisStore(StateStore):
         for counter in counters:
             args += [counter.limit, _ms(counter.ttl)]
         with _mapped("admit"):
-            result = await self._admit(keys=keys, args=args)
+            command = ("EVALSHA", self._admit.sha, len(keys), *keys, *args)
+            try:
+                result = await self._pipeliner.execute(*command)
+            except redis_errors.NoScriptError:
+                # Redis restarted (scripts are not persisted): load it again.
+                await self.client.script_load(_ADMIT_SCRIPT)
+                result = await self._pipeliner.execute(*command)
         if result is None:
             return None
         value, first_over = (int(part) for part in result)
@@ -345,5 +354,6 @@ class RedisStore(StateStore):
 
     async def aclose(self) -> None:
         """Close the connection pool, if this store opened it."""
+        await self._pipeliner.aclose()
         if self._owns_client:
             await self.client.aclose(close_connection_pool=True)

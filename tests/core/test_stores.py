@@ -313,6 +313,35 @@ async def test_two_redis_stores_share_dedupe_and_locks() -> None:
 
 
 @pytest.mark.redis
+async def test_concurrent_admissions_share_pipelines_and_each_gets_its_own_answer() -> None:
+    """Webhook requests admit concurrently; their commands travel together but answer separately."""
+    store = RedisStore(url=REDIS_URL, prefix=unique_prefix())
+
+    def admit(mark: str, sequence: str = "seq:c") -> Any:
+        return store.admit(
+            f"seen:{mark}", mark_ttl=60, counters=[], sequence=sequence, sequence_ttl=60, clear_prefix="d:"
+        )
+
+    try:
+        # Every mark twice (a platform retry), all at once.
+        results = await asyncio.gather(*(admit(f"m{n % 150}") for n in range(300)))
+        admitted = [r for r in results if r is not None]
+        assert len(admitted) == 150
+        assert sorted(r.sequence for r in admitted) == list(range(1, 151))
+        # A command that fails (the counter key holds text) fails alone; the batch around it is answered.
+        await store.set("seq:broken", "not a number")
+        outcomes = await asyncio.gather(
+            admit("x1"), admit("x2", sequence="seq:broken"), admit("x3"), return_exceptions=True
+        )
+        assert outcomes[0] == Admission(sequence=151)
+        assert isinstance(outcomes[1], StoreError)
+        assert outcomes[2] == Admission(sequence=152)
+    finally:
+        await drop_keys(store.client, store.prefix)
+        await store.aclose()
+
+
+@pytest.mark.redis
 async def test_a_message_published_by_one_process_reaches_subscribers_in_another() -> None:
     prefix = unique_prefix()
     publisher = RedisStore(url=REDIS_URL, prefix=prefix)
@@ -378,11 +407,20 @@ async def test_redis_outage_is_a_store_error_and_a_restart_is_survived() -> None
         await store.set("greeting", "hello")
         assert await store.get("greeting") == "hello"
 
+        def admit() -> Any:
+            return store.admit(
+                "seen:0", mark_ttl=60, counters=[], sequence="seq", sequence_ttl=60, clear_prefix="d:"
+            )
+
+        assert await admit() == Admission(sequence=1)
+
         # Restart between two calls: the pooled connection is dead, the next call still works.
         await stop_redis(proc)
         proc = await start_redis(port)
         await store.set("greeting", "after restart")
         assert await store.get("greeting") == "after restart"
+        # The restarted server has forgotten the admission script: it is loaded again.
+        assert await admit() == Admission(sequence=1)
 
         await stop_redis(proc)
         with pytest.raises(StoreError) as outage:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -10,17 +11,20 @@ import pytest
 from core.context import ContextBudget, ContextBuilder
 from core.conversations import ConversationStore
 from core.db.database import Database
+from core.db.models import FaqEntry
 from core.delivery import ReplySender, SenderRegistry
 from core.engine import Engine
 from core.errors import DeliveryError
+from core.faq.cache import FaqCache
+from core.handoff import AGENT
 from core.inbox.memory import MemoryInbox
 from core.intake import Accepted, Intake
 from core.llm.base import ChatRequest
 from core.llm.testing import FunctionModel
-from core.messages import ConversationKey, InboundMessage, Reply
+from core.messages import ConversationKey, InboundMessage, Reply, ReplySource
 from core.stores.memory import MemoryStore
 from core.texts import text as fixed_text
-from core.worker import Worker
+from core.worker import Worker, sent_key
 from tests.core.outages import OutageConversations
 from tools.registry import ToolRegistry
 
@@ -31,6 +35,7 @@ class RecordingSender(ReplySender):
     def __init__(self, *, failures: int = 0) -> None:
         self.sent: list[Reply] = []
         self.failures = failures
+        self.model_calls = 0
 
     async def send(self, reply: Reply) -> None:
         if self.failures and reply.source != "system":
@@ -63,8 +68,10 @@ def build(
     delay: float = 0.0,
     conversations: ConversationStore | None = None,
     outage_wait: float = 300.0,
+    faq_cache: FaqCache | None = None,
 ) -> tuple[Intake, Worker]:
     def answer(request: ChatRequest) -> str:
+        sender.model_calls += 1
         return f"answer to {request.messages[-1].content}"
 
     model = FunctionModel(answer, delay=delay)
@@ -75,6 +82,7 @@ def build(
         tools=ToolRegistry(),
         system_prompt="S",
         context=ContextBuilder(counter=model.count_tokens, budget=ContextBudget()),
+        faq_cache=faq_cache,
     )
     inbox = MemoryInbox()
     worker = Worker(
@@ -256,3 +264,126 @@ async def test_a_worker_still_waiting_to_start_stops_at_once(database: Database,
     await asyncio.sleep(0.05)
     await worker.stop()
     await asyncio.wait_for(task, 2)
+
+
+# --- FAQ cache answers go out before their turn is stored ------------------------------------------
+
+RESET_ANSWER = "Use 'Forgot password' on the sign-in page."
+
+
+async def reset_cache(store: MemoryStore) -> FaqCache:
+    cache = FaqCache(store=store)
+    entry = FaqEntry(
+        id=7, question="How do I reset my password?", answer=RESET_ANSWER, alternatives=[], language="en"
+    )
+    await cache.rebuild([entry])
+    return cache
+
+
+def question(chat: str, n: int, text: str = "how do i reset my password") -> InboundMessage:
+    return message(chat, n).model_copy(update={"text": text})
+
+
+async def transcript(conversations: ConversationStore, chat: str) -> list[tuple[str, str, str | None]]:
+    conversation = await conversations.get(ConversationKey(channel="test", chat_id=chat))
+    if conversation is None or conversation.id is None:
+        return []
+    return [(m.role, m.content, m.source) for m in await conversations.messages(conversation.id)]
+
+
+class TranscriptAtSend(RecordingSender):
+    """Notes how much of the conversation was stored when each reply went out."""
+
+    def __init__(self, conversations: ConversationStore) -> None:
+        super().__init__()
+        self.conversations = conversations
+        self.stored_at_send: list[int] = []
+
+    async def send(self, reply: Reply) -> None:
+        self.stored_at_send.append(len(await transcript(self.conversations, reply.key.chat_id)))
+        await super().send(reply)
+
+
+async def test_a_faq_cache_answer_is_sent_before_its_turn_is_stored(
+    database: Database, store: MemoryStore
+) -> None:
+    conversations = ConversationStore(db=database)
+    sender = TranscriptAtSend(conversations)
+    intake, worker = build(
+        database, store, sender, conversations=conversations, faq_cache=await reset_cache(store)
+    )
+    await intake.accept(question("dora", 1))
+    await intake.accept(message("dora", 2))  # not a FAQ question: the model answers, in order
+    await run_until_empty(worker, intake)
+    assert [(r.text, r.source) for r in sender.sent] == [
+        (RESET_ANSWER, ReplySource.FAQ_CACHE),
+        ("answer to dora 2", ReplySource.MODEL),
+    ]
+    # Nothing of the conversation was stored when the cache answer went out; the model's answer goes
+    # out once its whole turn is stored (both turns: four rows).
+    assert sender.stored_at_send == [0, 4]
+    assert sender.model_calls == 1
+    assert await transcript(conversations, "dora") == [
+        ("user", "how do i reset my password", None),
+        ("assistant", RESET_ANSWER, "faq_cache"),
+        ("user", "dora 2", None),
+        ("assistant", "answer to dora 2", "model"),
+    ]
+
+
+async def test_a_database_outage_after_a_cache_answer_stores_the_turn_once_and_sends_nothing_more(
+    database: Database, store: MemoryStore
+) -> None:
+    sender = RecordingSender()
+    conversations = OutageConversations(db=database, outages=2)
+    intake, worker = build(
+        database, store, sender, conversations=conversations, faq_cache=await reset_cache(store)
+    )
+    await intake.accept(question("erin", 1))
+    await run_until_empty(worker, intake)
+    assert [r.text for r in sender.sent] == [RESET_ANSWER]
+    assert await intake.inbox.dead_letters() == []
+    assert await transcript(conversations, "erin") == [
+        ("user", "how do i reset my password", None),
+        ("assistant", RESET_ANSWER, "faq_cache"),
+    ]
+
+
+async def test_a_cache_answer_sent_by_a_crashed_worker_is_stored_by_the_next_not_sent_again(
+    database: Database, store: MemoryStore
+) -> None:
+    sender = RecordingSender()
+    conversations = ConversationStore(db=database)
+    intake, worker = build(
+        database, store, sender, conversations=conversations, faq_cache=await reset_cache(store)
+    )
+    await intake.accept(question("fred", 1))
+    # The first worker sent the answer and recorded it, then died before storing the turn.
+    (entry,) = await intake.inbox.claim("dead-worker", count=1, block=0.01)
+    await store.set(sent_key(entry), json.dumps({"faq_entry": 7, "answer": RESET_ANSWER}))
+    await asyncio.sleep(0.1)  # its entry is idle long enough to be reclaimed by the next worker
+    await run_until_empty(worker, intake)
+    assert sender.sent == []
+    assert await transcript(conversations, "fred") == [
+        ("user", "how do i reset my password", None),
+        ("assistant", RESET_ANSWER, "faq_cache"),
+    ]
+
+
+async def test_no_cache_answer_while_a_person_has_the_conversation(
+    database: Database, store: MemoryStore
+) -> None:
+    sender = RecordingSender()
+    conversations = ConversationStore(db=database)
+    intake, worker = build(
+        database, store, sender, conversations=conversations, faq_cache=await reset_cache(store)
+    )
+    conversation = await conversations.get_or_create(
+        ConversationKey(channel="test", chat_id="gail"), user_id="gail", language="en"
+    )
+    assert conversation.id is not None
+    await conversations.update(conversation.id, state=AGENT)
+    await intake.accept(question("gail", 1))
+    await run_until_empty(worker, intake)
+    assert sender.sent == []
+    assert await transcript(conversations, "gail") == [("user", "how do i reset my password", None)]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiogram.types import Update
-
 from adapters.telegram import BotIdentity, fixed_answer, to_inbound
+from adapters.telegram_update import Update
 from core.messages import ConversationKey, InboundMessage
 from tests.telegram.conftest import BOT_ID, BOT_USERNAME, GROUP_ID, USER_ID, group_message, private_message
 
