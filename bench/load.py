@@ -100,6 +100,7 @@ def work(api_base: str, database_url: str) -> None:
     import signal
 
     from bots import platforms
+    from bots.cli_support import run as run_like_the_cli
     from core.llm.testing import FunctionModel
     from core.llm.testing import echo as echo_model
     from core.runtime import Runtime
@@ -116,7 +117,7 @@ def work(api_base: str, database_url: str) -> None:
         ):
             await stop.wait()
 
-    asyncio.run(run())
+    run_like_the_cli(run())
 
 
 # --- the load side ----------------------------------------------------------------------------------

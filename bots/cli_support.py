@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import typer
@@ -44,11 +44,21 @@ def settings_of(ctx: typer.Context) -> Settings:
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro``; configuration and dependency errors become a message and an exit code."""
+    """Run ``coro`` on uvloop (as uvicorn runs the gateway) where it is installed; configuration and
+    dependency errors become a message and an exit code."""
     try:
-        return asyncio.run(coro)
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(coro)
     except ConfigError as exc:
         raise fail(str(exc), EXIT_CONFIG) from None
     except KefuError as exc:
         log.debug("command failed", exc_info=True)
         raise fail(str(exc), EXIT_FAILED) from None
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # uvicorn[standard] installs it everywhere but on Windows
+        return None
+    return uvloop.new_event_loop
