@@ -4,7 +4,8 @@ Platforms retry (WeChat three times within 15 s, Slack on a slow ack, Telegram u
 every gateway replica may receive the retry. The dedupe mark lives in the shared store, so a message is
 accepted once however many replicas see it. When the inbox cannot take the message the mark is removed
 and the error propagates: the gateway answers with an error status and the platform's retry will try
-again, so nothing acknowledged is lost.
+again, so nothing acknowledged is lost. On Redis (:meth:`Inbox.admit_and_put`) marking, counting,
+numbering and queueing are one script, one round trip, and a failure writes nothing at all.
 
 Each accepted message gets the next number of its conversation (``extras["_seq"]``, a counter in the
 shared store). Workers in any process answer number n only after number n-1 is done, so a conversation
@@ -17,6 +18,7 @@ dropped (:attr:`Accepted.LIMITED`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ DONE_TTL = 7 * 24 * 3600.0
 
 SEQ_FIELD = "_seq"
 NOTICE_FIELD = "_notice"
+RATE_NOTICE = "rate_limited"
 RATE_WINDOW = 60.0
 
 
@@ -96,6 +99,8 @@ class Intake:
         self._inbox = inbox
         self._dedupe_ttl = dedupe_ttl
         self._limits = rate_limits or RateLimits(per_user=0, per_conversation=0)
+        # On Redis the admission and the XADD are one script: one round trip, and nothing to undo.
+        self._admit_and_put = inbox.admit_and_put(store)
 
     @property
     def inbox(self) -> Inbox:
@@ -105,8 +110,14 @@ class Intake:
         """Queue ``message`` unless the same platform message was accepted before."""
         extra = {"conversation": str(message.key), "message_id": message.message_id}
         key = dedupe_key(message)
-        # Dedupe mark, rate counters, sequence number: one atomic step (one round trip on Redis).
-        admission = await self._store.admit(
+        # Dedupe mark, rate counters, sequence number: one atomic step, which on Redis queues the
+        # message too (otherwise it is put in the inbox below).
+        admit = (
+            self._store.admit
+            if self._admit_and_put is None
+            else functools.partial(self._admit_and_put, message)
+        )
+        admission = await admit(
             key,
             mark_ttl=self._dedupe_ttl,
             counters=self._counters(message),
@@ -125,18 +136,24 @@ class Intake:
             log.info("message over the rate limit dropped", extra=extra)
             metrics.message_received(message.key.channel, "limited")
             return Accepted.LIMITED
-        extras = {**message.extras, SEQ_FIELD: seq}
         if admission.first_over:
             log.info("message over the rate limit; a notice will answer it", extra=extra)
-            extras[NOTICE_FIELD] = "rate_limited"
+        if self._admit_and_put is None:
+            await self._put(message, key, seq, notice=admission.first_over)
+        metrics.message_received(message.key.channel, "new")
+        return Accepted.NEW
+
+    async def _put(self, message: InboundMessage, mark: str, seq: int, *, notice: bool) -> None:
+        """Queue an admitted message; when the inbox refuses it, undo the admission and raise."""
+        extras = {**message.extras, SEQ_FIELD: seq}
+        if notice:
+            extras[NOTICE_FIELD] = RATE_NOTICE
         try:
             await self._inbox.put(message.model_copy(update={"extras": extras}))
         except BaseException:
-            await self._store.delete(key)
+            await self._store.delete(mark)
             await self._skip(message.key, seq)
             raise
-        metrics.message_received(message.key.channel, "new")
-        return Accepted.NEW
 
     def _counters(self, message: InboundMessage) -> list[Counter]:
         """The per-minute counters of this message's user and conversation that have a limit."""

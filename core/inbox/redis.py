@@ -1,9 +1,12 @@
 """Redis Streams :class:`Inbox`: one stream and one consumer group shared by every kefu process.
 
-``put`` is ``XADD``; ``claim`` is ``XREADGROUP`` (an entry goes to exactly one consumer and stays in the
-group's pending list until acknowledged); ``ack`` is ``XACK`` + ``XDEL`` in one transaction, so the stream
-holds only unfinished entries and ``XLEN`` is the depth; ``reclaim`` is ``XAUTOCLAIM``, and the delivery
-count comes from the pending list (``XPENDING``), which Redis increments on every claim. Dead letters go
+``put`` is ``XADD``, and the intake's ``admit_and_put`` is one Lua script that dedupes, counts, numbers
+and ``XADD``s (the sequence number travels as a field beside the message); concurrent requests' calls
+share pipelines (:mod:`core.stores.pipelining`). ``claim`` is ``XREADGROUP`` (an entry goes to exactly
+one consumer and stays in the group's pending list until acknowledged); ``ack`` is ``XACK`` + ``XDEL``
+in one transaction, so the stream holds only unfinished entries and ``XLEN`` is the depth; ``reclaim``
+is ``XAUTOCLAIM``, and the delivery count comes from the pending list (``XPENDING``), which Redis
+increments on every claim. Dead letters go
 to a second stream. A consumer group that vanished (Redis restarted without persistence, the stream was
 deleted) is created again from the start of the stream, so entries written before it are not skipped.
 Every redis-py error leaves this module as a :class:`~core.errors.StoreError`.
@@ -12,7 +15,9 @@ Every redis-py error leaves this module as a :class:`~core.errors.StoreError`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
@@ -20,10 +25,12 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from core.errors import ConfigError, StoreError
-from core.inbox.base import DeadLetter, Inbox, InboxEntry
+from core.inbox.base import AdmitAndPut, DeadLetter, Inbox, InboxEntry
+from core.intake import NOTICE_FIELD, RATE_NOTICE, SEQ_FIELD
 from core.messages import InboundMessage
+from core.stores.base import Admission, Counter, StateStore
 from core.stores.pipelining import Pipeliner
-from core.stores.redis import connect
+from core.stores.redis import RedisStore, connect
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,62 @@ for i, id in ipairs(ARGV) do
 end
 return taken
 """
+
+
+# StateStore.admit and XADD in one step (RedisInbox.admit_and_put). KEYS: mark, sequence, stream,
+# counters...; ARGV: mark ttl ms, sequence ttl ms, the done marks' prefix, the message JSON, the stream's
+# bound (0: none), then limit and ttl ms per counter. Everything is read first and XADD, the one
+# command that could fail, comes before any write: a failure leaves no mark, count or number behind.
+_ADMIT_AND_PUT_SCRIPT = """
+if redis.call('exists', KEYS[1]) == 1 then
+    return false
+end
+local bound = tonumber(ARGV[5])
+if bound > 0 and redis.call('xlen', KEYS[3]) >= bound then
+    return {-1, 0}
+end
+local first_over, over = 0, 0
+for i = 4, #KEYS do
+    local limit = tonumber(ARGV[2 * i - 2])
+    local count = tonumber(redis.call('get', KEYS[i]) or '0') + 1
+    if count == limit + 1 then
+        first_over = 1
+    end
+    if count > limit then
+        over = 1
+    end
+end
+local queued = over == 0 or first_over == 1
+local seq = 0
+if queued then
+    seq = tonumber(redis.call('get', KEYS[2]) or '0') + 1
+    redis.call('xadd', KEYS[3], '*', 'message', ARGV[4], 'seq', seq, 'over', first_over)
+end
+redis.call('set', KEYS[1], '1', 'px', ARGV[1])
+for i = 4, #KEYS do
+    if redis.call('incr', KEYS[i]) == 1 then
+        redis.call('pexpire', KEYS[i], ARGV[2 * i - 1])
+    end
+end
+if queued then
+    if redis.call('incr', KEYS[2]) == 1 then
+        redis.call('pexpire', KEYS[2], ARGV[2])
+    end
+    redis.call('del', ARGV[3] .. seq)
+end
+return {seq, first_over}
+"""
+
+_SERVER_KEYS = ("host", "port", "db", "path", "username")
+
+
+def _same_server(one: Redis, other: Redis) -> bool:
+    first, second = one.connection_pool.connection_kwargs, other.connection_pool.connection_kwargs
+    return all(first.get(key) == second.get(key) for key in _SERVER_KEYS)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
 
 
 def _text(value: bytes | str) -> str:
@@ -116,6 +179,7 @@ class RedisInbox(Inbox):
             )
         self.client = client
         self._touch = client.register_script(_TOUCH_SCRIPT)
+        self._admit = client.register_script(_ADMIT_AND_PUT_SCRIPT)
         # Messages come from many concurrent webhook requests: their XADDs share round trips.
         self._pipeliner = Pipeliner(client)
         self._group_ready = False
@@ -153,6 +217,50 @@ class RedisInbox(Inbox):
                 "XADD", self.stream, "*", "message", message.model_dump_json()
             )
         return _text(entry_id)
+
+    def admit_and_put(self, store: StateStore) -> AdmitAndPut | None:
+        """One script for the intake: dedupe mark, rate counters, sequence number and XADD, when
+        ``store`` is a :class:`RedisStore` on this inbox's server."""
+        if not isinstance(store, RedisStore) or not _same_server(self.client, store.client):
+            return None
+        return functools.partial(self._admit_and_put, store)
+
+    async def _admit_and_put(
+        self,
+        store: RedisStore,
+        message: InboundMessage,
+        mark: str,
+        *,
+        mark_ttl: float,
+        counters: Sequence[Counter],
+        sequence: str,
+        sequence_ttl: float,
+        clear_prefix: str,
+    ) -> Admission | None:
+        keys = [store.key(mark), store.key(sequence), self.stream, *(store.key(c.key) for c in counters)]
+        args: list[str | int] = [
+            _ms(mark_ttl),
+            _ms(sequence_ttl),
+            store.key(clear_prefix),
+            message.model_dump_json(),
+            self._maxlen or 0,
+        ]
+        for counter in counters:
+            args += [counter.limit, _ms(counter.ttl)]
+        command = ("EVALSHA", self._admit.sha, len(keys), *keys, *args)
+        with _mapped("admission"):
+            try:
+                result = await self._pipeliner.execute(*command)
+            except redis_errors.NoScriptError:
+                # Redis restarted (scripts are not persisted): load it again.
+                await self.client.script_load(_ADMIT_AND_PUT_SCRIPT)
+                result = await self._pipeliner.execute(*command)
+        if result is None:
+            return None
+        value, first_over = (int(part) for part in result)
+        if value < 0:
+            raise StoreError(f"inbox {self.stream} is full ({self._maxlen} unfinished entries)")
+        return Admission(sequence=value or None, first_over=bool(first_over))
 
     async def claim(self, consumer: str, *, count: int = 16, block: float = 1.0) -> list[InboxEntry]:
         """Up to ``count`` new entries for ``consumer``, waiting up to ``block`` seconds for one."""
@@ -296,6 +404,12 @@ class RedisInbox(Inbox):
             if raw is None:
                 raise ValueError("entry has no message field")
             message = InboundMessage.model_validate_json(raw)
+            seq = _field(fields, "seq")
+            if seq is not None:  # queued by admit_and_put: the intake's fields come beside the message
+                extras = {**message.extras, SEQ_FIELD: int(seq)}
+                if _field(fields, "over") == "1":
+                    extras[NOTICE_FIELD] = RATE_NOTICE
+                message = message.model_copy(update={"extras": extras})
         except ValueError:
             log.error("unreadable inbox entry %s dropped", entry_id, exc_info=True)
             # Keep the raw text for operators; the entry itself can never be answered.
