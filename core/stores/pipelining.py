@@ -57,15 +57,18 @@ class Pipeliner:
                 for command, _future in batch:
                     pipe.execute_command(*command)
                 replies = await pipe.execute(raise_on_error=False)
-        except Exception as exc:
-            for _command, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
+            if len(replies) != len(batch):
+                raise RuntimeError(f"redis answered {len(replies)} of {len(batch)} pipelined commands")
         except asyncio.CancelledError:
             for _command, future in batch:
                 future.cancel()
             raise
+        except Exception as exc:
+            # Nobody may wait forever: every caller of the batch gets the failure.
+            for _command, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
         for (_command, future), reply in zip(batch, replies, strict=True):
             if future.done():
                 continue

@@ -430,6 +430,9 @@ async def test_redis_outage_is_a_store_error_and_a_restart_is_survived() -> None
             await store.set_if_absent("seen:1", "1")
         with pytest.raises(StoreError):
             await store.lock("conv:1", ttl=5, wait=0).acquire()
+        # Admissions waiting in one pipeline all get the failure; none waits forever.
+        failures = await asyncio.gather(admit(), admit(), return_exceptions=True)
+        assert all(isinstance(failure, StoreError) for failure in failures)
         assert await store.ping() is False
 
         proc = await start_redis(port)
