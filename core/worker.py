@@ -358,12 +358,12 @@ class Worker:
             await sender.send(self._fixed_reply(message, notice))
             metrics.reply_sent(message.key.channel, "system", message.received_at)
             return SENT
-        cached = await self._engine.from_cache(message)
         if await self._engine.is_paused(message.key):
             # A person has the conversation: the engine stores the message, nobody is sent a bot answer.
             async for _ in self._engine.stream(message, raise_on_outage=True):
                 pass
             return SENT
+        cached = await self._engine.from_cache(message)
         if cached is not None:
             reply = await sender.deliver(message, _final(self._engine.cached_reply(message, cached)))
             metrics.reply_sent(message.key.channel, reply.source.value, message.received_at)

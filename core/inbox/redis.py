@@ -6,9 +6,9 @@ share pipelines (:mod:`core.stores.pipelining`). ``claim`` is ``XREADGROUP`` (an
 one consumer and stays in the group's pending list until acknowledged); ``ack`` is ``XACK`` + ``XDEL``
 in one transaction, so the stream holds only unfinished entries and ``XLEN`` is the depth; ``reclaim``
 is ``XAUTOCLAIM``, and the delivery count comes from the pending list (``XPENDING``), which Redis
-increments on every claim. Dead letters go
-to a second stream. A consumer group that vanished (Redis restarted without persistence, the stream was
-deleted) is created again from the start of the stream, so entries written before it are not skipped.
+increments on every claim. Dead letters go to a second stream. A consumer group that vanished (Redis
+restarted without persistence, the stream was deleted) is created again from the start of the stream,
+so entries written before it are not skipped.
 Every redis-py error leaves this module as a :class:`~core.errors.StoreError`.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
@@ -30,7 +29,7 @@ from core.intake import NOTICE_FIELD, RATE_NOTICE, SEQ_FIELD
 from core.messages import InboundMessage
 from core.stores.base import Admission, Counter, StateStore
 from core.stores.pipelining import Pipeliner
-from core.stores.redis import RedisStore, connect
+from core.stores.redis import RedisStore, connect, milliseconds
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +103,6 @@ _SERVER_KEYS = ("host", "port", "db", "path", "username")
 def _same_server(one: Redis, other: Redis) -> bool:
     first, second = one.connection_pool.connection_kwargs, other.connection_pool.connection_kwargs
     return all(first.get(key) == second.get(key) for key in _SERVER_KEYS)
-
-
-def _ms(seconds: float) -> int:
-    return max(1, math.ceil(seconds * 1000))
 
 
 def _text(value: bytes | str) -> str:
@@ -239,14 +234,14 @@ class RedisInbox(Inbox):
     ) -> Admission | None:
         keys = [store.key(mark), store.key(sequence), self.stream, *(store.key(c.key) for c in counters)]
         args: list[str | int] = [
-            _ms(mark_ttl),
-            _ms(sequence_ttl),
+            milliseconds(mark_ttl),
+            milliseconds(sequence_ttl),
             store.key(clear_prefix),
             message.model_dump_json(),
             self._maxlen or 0,
         ]
         for counter in counters:
-            args += [counter.limit, _ms(counter.ttl)]
+            args += [counter.limit, milliseconds(counter.ttl)]
         command = ("EVALSHA", self._admit.sha, len(keys), *keys, *args)
         with _mapped("admission"):
             try:

@@ -79,7 +79,8 @@ return {value, first_over}
 """
 
 
-def _ms(seconds: float) -> int:
+def milliseconds(seconds: float) -> int:
+    """A TTL for Redis's PX arguments."""
     if seconds <= 0:
         raise ValueError(f"ttl must be positive, got {seconds}")
     # Round up: a sub-millisecond TTL must not become 0, which Redis rejects.
@@ -108,7 +109,7 @@ class RedisLock(StoreLock):
     """A :class:`StoreLock` backed by redis-py's token lock."""
 
     def __init__(self, client: Redis, key: str, name: str, *, ttl: float, wait: float | None) -> None:
-        _ms(ttl)
+        milliseconds(ttl)
         super().__init__(name, ttl=ttl, wait=wait)
         # thread_local=False: the renewal task and the holder share one token; asyncio tasks run in
         # one thread anyway, and a thread-local token would hide it from ``asyncio.to_thread`` callers.
@@ -138,7 +139,7 @@ class RedisLock(StoreLock):
     async def extend(self, ttl: float | None = None) -> bool:
         """Reset the expiry to ``ttl`` (default: the lock's ttl) from now. False when no longer owned."""
         ttl = self.ttl if ttl is None else ttl
-        _ms(ttl)
+        milliseconds(ttl)
         if self._lock.local.token is None:
             return False
         with _mapped(f"extend of {self.name!r}"):
@@ -273,13 +274,13 @@ class RedisStore(StateStore):
 
     async def set(self, key: str, value: str, *, ttl: float | None = None) -> None:
         """Store ``value`` under ``key``, replacing any value and expiry."""
-        px = None if ttl is None else _ms(ttl)
+        px = None if ttl is None else milliseconds(ttl)
         with _mapped("SET"):
             await self.client.set(self.key(key), value, px=px)
 
     async def set_if_absent(self, key: str, value: str, *, ttl: float | None = None) -> bool:
         """Store only when ``key`` does not exist; True when this call stored it (dedupe)."""
-        px = None if ttl is None else _ms(ttl)
+        px = None if ttl is None else milliseconds(ttl)
         with _mapped("SET NX"):
             return bool(await self.client.set(self.key(key), value, px=px, nx=True))
 
@@ -292,7 +293,7 @@ class RedisStore(StateStore):
 
     async def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
         """Add to an integer counter (created at 0); ``ttl`` is set when the counter is created."""
-        px = "" if ttl is None else str(_ms(ttl))
+        px = "" if ttl is None else str(milliseconds(ttl))
         with _mapped("INCRBY"):
             return int(await self._incr(keys=[self.key(key)], args=[amount, px]))
 
@@ -308,9 +309,9 @@ class RedisStore(StateStore):
     ) -> Admission | None:
         """:meth:`StateStore.admit` atomically, in one round trip (the intake's hot path)."""
         keys = [self.key(mark), self.key(sequence), *(self.key(c.key) for c in counters)]
-        args: list[str | int] = [_ms(mark_ttl), _ms(sequence_ttl), self.key(clear_prefix)]
+        args: list[str | int] = [milliseconds(mark_ttl), milliseconds(sequence_ttl), self.key(clear_prefix)]
         for counter in counters:
-            args += [counter.limit, _ms(counter.ttl)]
+            args += [counter.limit, milliseconds(counter.ttl)]
         with _mapped("admit"):
             command = ("EVALSHA", self._admit.sha, len(keys), *keys, *args)
             try:
