@@ -18,7 +18,6 @@ dropped (:attr:`Accepted.LIMITED`).
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from enum import StrEnum
 from core import metrics
 from core.inbox.base import Inbox
 from core.messages import ConversationKey, InboundMessage
-from core.stores.base import Counter, StateStore
+from core.stores.base import AdmissionRequest, Counter, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +109,8 @@ class Intake:
         """Queue ``message`` unless the same platform message was accepted before."""
         extra = {"conversation": str(message.key), "message_id": message.message_id}
         key = dedupe_key(message)
-        # Dedupe mark, rate counters, sequence number: one atomic step, which on Redis queues the
-        # message too (otherwise it is put in the inbox below).
-        admit = (
-            self._store.admit
-            if self._admit_and_put is None
-            else functools.partial(self._admit_and_put, message)
-        )
-        admission = await admit(
-            key,
+        request = AdmissionRequest(
+            mark=key,
             mark_ttl=self._dedupe_ttl,
             counters=self._counters(message),
             sequence=seq_key(message.key),
@@ -127,6 +119,12 @@ class Intake:
             # about this message, which cannot have been answered before it is queued.
             clear_prefix=done_prefix(message.key),
         )
+        # Dedupe mark, rate counters, sequence number: one atomic step, which on Redis queues the
+        # message too (otherwise it is put in the inbox below).
+        if self._admit_and_put is not None:
+            admission = await self._admit_and_put(message, request)
+        else:
+            admission = await self._store.admit(request)
         if admission is None:
             log.info("duplicate delivery ignored", extra=extra)
             metrics.message_received(message.key.channel, "duplicate")

@@ -10,13 +10,12 @@ group) serves deployments with several processes. One contract test suite runs a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
 from core.messages import InboundMessage
-from core.stores.base import Admission, Counter, StateStore
+from core.stores.base import Admission, AdmissionRequest, StateStore
 
 
 class InboxEntry(BaseModel):
@@ -37,25 +36,13 @@ class DeadLetter(BaseModel):
     reason: str
 
 
-class AdmitAndPut(Protocol):
-    """:meth:`StateStore.admit` and, when admitted, :meth:`Inbox.put` as one atomic step.
+AdmitAndPut = Callable[[InboundMessage, AdmissionRequest], Awaitable[Admission | None]]
+""":meth:`StateStore.admit` and, when admitted, :meth:`Inbox.put` as one atomic step.
 
-    The admitted message is queued with its sequence number (and the rate-limit notice flag) in its
-    extras, exactly as the intake would have put it. Raises StoreError when it cannot; then nothing
-    was marked, counted or queued.
-    """
-
-    async def __call__(
-        self,
-        message: InboundMessage,
-        mark: str,
-        *,
-        mark_ttl: float,
-        counters: Sequence[Counter],
-        sequence: str,
-        sequence_ttl: float,
-        clear_prefix: str,
-    ) -> Admission | None: ...
+The admitted message is queued with its sequence number (and the rate-limit notice flag) in its extras,
+exactly as the intake would have put it. Raises StoreError when it cannot; then nothing was marked,
+counted or queued.
+"""
 
 
 class Inbox(ABC):

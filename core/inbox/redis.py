@@ -27,9 +27,9 @@ from core.errors import ConfigError, StoreError
 from core.inbox.base import AdmitAndPut, DeadLetter, Inbox, InboxEntry
 from core.intake import NOTICE_FIELD, RATE_NOTICE, SEQ_FIELD
 from core.messages import InboundMessage
-from core.stores.base import Admission, Counter, StateStore
+from core.stores.base import Admission, AdmissionRequest, StateStore
 from core.stores.pipelining import Pipeliner
-from core.stores.redis import RedisStore, connect, milliseconds
+from core.stores.redis import RedisStore, admission_of, connect, counter_args, milliseconds
 
 log = logging.getLogger(__name__)
 
@@ -221,41 +221,27 @@ class RedisInbox(Inbox):
         return functools.partial(self._admit_and_put, store)
 
     async def _admit_and_put(
-        self,
-        store: RedisStore,
-        message: InboundMessage,
-        mark: str,
-        *,
-        mark_ttl: float,
-        counters: Sequence[Counter],
-        sequence: str,
-        sequence_ttl: float,
-        clear_prefix: str,
+        self, store: RedisStore, message: InboundMessage, request: AdmissionRequest
     ) -> Admission | None:
-        keys = [store.key(mark), store.key(sequence), self.stream, *(store.key(c.key) for c in counters)]
+        keys = [
+            store.key(request.mark),
+            store.key(request.sequence),
+            self.stream,
+            *store.counter_keys(request),
+        ]
         args: list[str | int] = [
-            milliseconds(mark_ttl),
-            milliseconds(sequence_ttl),
-            store.key(clear_prefix),
+            milliseconds(request.mark_ttl),
+            milliseconds(request.sequence_ttl),
+            store.key(request.clear_prefix),
             message.model_dump_json(),
             self._maxlen or 0,
+            *counter_args(request),
         ]
-        for counter in counters:
-            args += [counter.limit, milliseconds(counter.ttl)]
-        command = ("EVALSHA", self._admit.sha, len(keys), *keys, *args)
         with _mapped("admission"):
-            try:
-                result = await self._pipeliner.execute(*command)
-            except redis_errors.NoScriptError:
-                # Redis restarted (scripts are not persisted): load it again.
-                await self.client.script_load(_ADMIT_AND_PUT_SCRIPT)
-                result = await self._pipeliner.execute(*command)
-        if result is None:
-            return None
-        value, first_over = (int(part) for part in result)
-        if value < 0:
+            result = await self._pipeliner.run_script(self._admit, keys, args)
+        if result is not None and int(result[0]) < 0:
             raise StoreError(f"inbox {self.stream} is full ({self._maxlen} unfinished entries)")
-        return Admission(sequence=value or None, first_over=bool(first_over))
+        return admission_of(result)
 
     async def claim(self, consumer: str, *, count: int = 16, block: float = 1.0) -> list[InboxEntry]:
         """Up to ``count`` new entries for ``consumer``, waiting up to ``block`` seconds for one."""

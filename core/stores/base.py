@@ -198,6 +198,19 @@ class Counter:
 
 
 @dataclass(frozen=True)
+class AdmissionRequest:
+    """What :meth:`StateStore.admit` marks, counts and numbers for one item."""
+
+    mark: str
+    mark_ttl: float
+    sequence: str
+    sequence_ttl: float
+    clear_prefix: str
+    """The key ``clear_prefix + str(number)`` is deleted when the item takes a number."""
+    counters: Sequence[Counter] = ()
+
+
+@dataclass(frozen=True)
 class Admission:
     """What :meth:`StateStore.admit` decided for a new mark."""
 
@@ -228,37 +241,28 @@ class StateStore(ABC):
     async def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
         """Add to an integer counter (created at 0); ``ttl`` is set when the counter is created."""
 
-    async def admit(
-        self,
-        mark: str,
-        *,
-        mark_ttl: float,
-        counters: Sequence[Counter],
-        sequence: str,
-        sequence_ttl: float,
-        clear_prefix: str,
-    ) -> Admission | None:
-        """Admit a new item once: None when ``mark`` exists already.
+    async def admit(self, request: AdmissionRequest) -> Admission | None:
+        """Admit a new item once: None when its mark exists already.
 
-        Otherwise sets ``mark``, increments every counter (created with its ttl), and unless a counter
+        Otherwise sets the mark, increments every counter (created with its ttl), and unless a counter
         is over its limit without one being exactly one over (the first refusal, which is admitted to
-        carry a notice), increments ``sequence`` and deletes the key ``clear_prefix + str(value)``.
+        carry a notice), increments the sequence and deletes the key ``clear_prefix + str(value)``.
         Stores that can run this atomically in one round trip override it (Redis: one Lua script).
         """
-        if not await self.set_if_absent(mark, "1", ttl=mark_ttl):
+        if not await self.set_if_absent(request.mark, "1", ttl=request.mark_ttl):
             return None
         try:
             first_over = over = False
-            for counter in counters:
+            for counter in request.counters:
                 count = await self.incr(counter.key, ttl=counter.ttl)
                 first_over |= count == counter.limit + 1
                 over |= count > counter.limit
             if over and not first_over:
                 return Admission(sequence=None)
-            value = await self.incr(sequence, ttl=sequence_ttl)
-            await self.delete(clear_prefix + str(value))
+            value = await self.incr(request.sequence, ttl=request.sequence_ttl)
+            await self.delete(request.clear_prefix + str(value))
         except BaseException:
-            await self.delete(mark)
+            await self.delete(request.mark)
             raise
         return Admission(sequence=value, first_over=first_over)
 

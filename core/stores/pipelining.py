@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 EncodedArg = str | bytes | int | float
 
@@ -39,6 +42,18 @@ class Pipeliner:
         if self._sender is None:
             self._sender = asyncio.create_task(self._send(), name="redis-pipeliner")
         return await future
+
+    async def run_script(
+        self, script: AsyncScript, keys: Sequence[EncodedArg], args: Sequence[EncodedArg]
+    ) -> Any:
+        """``EVALSHA`` of a registered script in the next pipeline; a Redis that has forgotten it (a
+        restart: scripts are not persisted) is given it again."""
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return await self.execute(*command)
+        except NoScriptError:
+            await self._client.script_load(script.script)
+            return await self.execute(*command)
 
     async def _send(self) -> None:
         try:

@@ -29,7 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from core.errors import ConfigError, LockError, StoreError
-from core.stores.base import Admission, Counter, StateStore, StoreLock, Subscription
+from core.stores.base import Admission, AdmissionRequest, StateStore, StoreLock, Subscription
 from core.stores.pipelining import Pipeliner
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,19 @@ end
 redis.call('del', ARGV[3] .. value)
 return {value, first_over}
 """
+
+
+def counter_args(request: AdmissionRequest) -> list[int]:
+    """Limit and ttl (ms) of each of ``request``'s counters, the admission scripts' last arguments."""
+    return [value for c in request.counters for value in (c.limit, milliseconds(c.ttl))]
+
+
+def admission_of(result: Any) -> Admission | None:
+    """An admission script's answer: nil (a duplicate) or {sequence number or 0, first over 0/1}."""
+    if result is None:
+        return None
+    value, first_over = (int(part) for part in result)
+    return Admission(sequence=value or None, first_over=bool(first_over))
 
 
 def milliseconds(seconds: float) -> int:
@@ -297,33 +310,19 @@ class RedisStore(StateStore):
         with _mapped("INCRBY"):
             return int(await self._incr(keys=[self.key(key)], args=[amount, px]))
 
-    async def admit(
-        self,
-        mark: str,
-        *,
-        mark_ttl: float,
-        counters: Sequence[Counter],
-        sequence: str,
-        sequence_ttl: float,
-        clear_prefix: str,
-    ) -> Admission | None:
+    async def admit(self, request: AdmissionRequest) -> Admission | None:
         """:meth:`StateStore.admit` atomically, in one round trip (the intake's hot path)."""
-        keys = [self.key(mark), self.key(sequence), *(self.key(c.key) for c in counters)]
-        args: list[str | int] = [milliseconds(mark_ttl), milliseconds(sequence_ttl), self.key(clear_prefix)]
-        for counter in counters:
-            args += [counter.limit, milliseconds(counter.ttl)]
+        keys = [self.key(request.mark), self.key(request.sequence), *self.counter_keys(request)]
+        args = [milliseconds(request.mark_ttl), milliseconds(request.sequence_ttl)]
         with _mapped("admit"):
-            command = ("EVALSHA", self._admit.sha, len(keys), *keys, *args)
-            try:
-                result = await self._pipeliner.execute(*command)
-            except redis_errors.NoScriptError:
-                # Redis restarted (scripts are not persisted): load it again.
-                await self.client.script_load(_ADMIT_SCRIPT)
-                result = await self._pipeliner.execute(*command)
-        if result is None:
-            return None
-        value, first_over = (int(part) for part in result)
-        return Admission(sequence=value or None, first_over=bool(first_over))
+            result = await self._pipeliner.run_script(
+                self._admit, keys, [*args, self.key(request.clear_prefix), *counter_args(request)]
+            )
+        return admission_of(result)
+
+    def counter_keys(self, request: AdmissionRequest) -> list[str]:
+        """The Redis keys of ``request``'s counters, in order."""
+        return [self.key(counter.key) for counter in request.counters]
 
     async def ttl(self, key: str) -> float | None:
         """Seconds until ``key`` expires; None when it has no expiry or does not exist."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -30,12 +31,9 @@ def message(n: int, user: str = "ada") -> InboundMessage:
     )
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-async def backends(request: pytest.FixtureRequest) -> AsyncIterator[tuple[StateStore, Inbox]]:
-    if request.param == "memory":
-        async with MemoryStore() as store:
-            yield store, MemoryInbox()
-        return
+@contextlib.asynccontextmanager
+async def on_redis() -> AsyncIterator[tuple[RedisStore, RedisInbox]]:
+    """A store and an inbox on one Redis, under a prefix of their own, removed afterwards."""
     prefix = f"kefu-test:{uuid.uuid4().hex}:"
     store = RedisStore(url=REDIS_URL, prefix=prefix)
     inbox = RedisInbox(url=REDIS_URL, stream=f"{prefix}inbox", dead_stream=f"{prefix}inbox:dead")
@@ -47,6 +45,16 @@ async def backends(request: pytest.FixtureRequest) -> AsyncIterator[tuple[StateS
             await store.client.delete(*keys)
         await inbox.aclose()
         await store.aclose()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def backends(request: pytest.FixtureRequest) -> AsyncIterator[tuple[StateStore, Inbox]]:
+    if request.param == "memory":
+        async with MemoryStore() as store:
+            yield store, MemoryInbox()
+        return
+    async with on_redis() as (redis_store, redis_inbox):
+        yield redis_store, redis_inbox
 
 
 async def test_messages_are_numbered_deduped_and_limited_alike_on_both_backends(
@@ -68,11 +76,8 @@ async def test_messages_are_numbered_deduped_and_limited_alike_on_both_backends(
 
 @pytest.mark.redis
 async def test_on_redis_a_failed_admission_leaves_no_trace_and_the_retry_is_accepted() -> None:
-    prefix = f"kefu-test:{uuid.uuid4().hex}:"
-    store = RedisStore(url=REDIS_URL, prefix=prefix)
-    inbox = RedisInbox(url=REDIS_URL, stream=f"{prefix}inbox", dead_stream=f"{prefix}inbox:dead")
-    intake = Intake(store=store, inbox=inbox)
-    try:
+    async with on_redis() as (store, inbox):
+        intake = Intake(store=store, inbox=inbox)
         # Something else holds the stream's key: XADD fails inside the script.
         await store.client.set(inbox.stream, "not a stream")
         with pytest.raises(StoreError):
@@ -85,9 +90,3 @@ async def test_on_redis_a_failed_admission_leaves_no_trace_and_the_retry_is_acce
         # One script wrote the entry: the number travels beside the message in the stream.
         ((_id, fields),) = await store.client.xrange(inbox.stream)
         assert fields["seq"] == "1"
-    finally:
-        keys = [k async for k in store.client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await store.client.delete(*keys)
-        await inbox.aclose()
-        await store.aclose()

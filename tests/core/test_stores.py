@@ -15,7 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from core.errors import LockError, StoreError
-from core.stores.base import Admission, Counter, StateStore
+from core.stores.base import Admission, AdmissionRequest, Counter, StateStore
 from core.stores.factory import build_store
 from core.stores.memory import MemoryStore
 from core.stores.redis import RedisStore
@@ -64,12 +64,14 @@ class TestStateStoreContract:
     async def test_admit_marks_once_counts_and_numbers(self, store: StateStore) -> None:
         def admit(mark: str, limit: int = 2) -> Any:
             return store.admit(
-                mark,
-                mark_ttl=60,
-                counters=[Counter(key="rate", limit=limit, ttl=60)],
-                sequence="seq",
-                sequence_ttl=60,
-                clear_prefix="done:",
+                AdmissionRequest(
+                    mark=mark,
+                    mark_ttl=60,
+                    counters=[Counter(key="rate", limit=limit, ttl=60)],
+                    sequence="seq",
+                    sequence_ttl=60,
+                    clear_prefix="done:",
+                )
             )
 
         await store.set("done:2", "left by an earlier run of the counter")
@@ -319,7 +321,9 @@ async def test_concurrent_admissions_share_pipelines_and_each_gets_its_own_answe
 
     def admit(mark: str, sequence: str = "seq:c") -> Any:
         return store.admit(
-            f"seen:{mark}", mark_ttl=60, counters=[], sequence=sequence, sequence_ttl=60, clear_prefix="d:"
+            AdmissionRequest(
+                mark=f"seen:{mark}", mark_ttl=60, sequence=sequence, sequence_ttl=60, clear_prefix="d:"
+            )
         )
 
     try:
@@ -408,9 +412,10 @@ async def test_redis_outage_is_a_store_error_and_a_restart_is_survived() -> None
         assert await store.get("greeting") == "hello"
 
         def admit() -> Any:
-            return store.admit(
-                "seen:0", mark_ttl=60, counters=[], sequence="seq", sequence_ttl=60, clear_prefix="d:"
+            request = AdmissionRequest(
+                mark="seen:0", mark_ttl=60, sequence="seq", sequence_ttl=60, clear_prefix="d:"
             )
+            return store.admit(request)
 
         assert await admit() == Admission(sequence=1)
 

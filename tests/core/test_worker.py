@@ -280,6 +280,14 @@ async def reset_cache(store: MemoryStore) -> FaqCache:
     return cache
 
 
+async def faq_worker(
+    database: Database, store: MemoryStore, sender: RecordingSender, conversations: ConversationStore
+) -> tuple[Intake, Worker]:
+    """A worker whose FAQ cache knows the password question."""
+    cache = await reset_cache(store)
+    return build(database, store, sender, conversations=conversations, faq_cache=cache)
+
+
 def question(chat: str, n: int, text: str = "how do i reset my password") -> InboundMessage:
     return message(chat, n).model_copy(update={"text": text})
 
@@ -309,9 +317,7 @@ async def test_a_faq_cache_answer_is_sent_before_its_turn_is_stored(
 ) -> None:
     conversations = ConversationStore(db=database)
     sender = TranscriptAtSend(conversations)
-    intake, worker = build(
-        database, store, sender, conversations=conversations, faq_cache=await reset_cache(store)
-    )
+    intake, worker = await faq_worker(database, store, sender, conversations)
     await intake.accept(question("dora", 1))
     await intake.accept(message("dora", 2))  # not a FAQ question: the model answers, in order
     await run_until_empty(worker, intake)
@@ -336,9 +342,7 @@ async def test_a_database_outage_after_a_cache_answer_stores_the_turn_once_and_s
 ) -> None:
     sender = RecordingSender()
     conversations = OutageConversations(db=database, outages=2)
-    intake, worker = build(
-        database, store, sender, conversations=conversations, faq_cache=await reset_cache(store)
-    )
+    intake, worker = await faq_worker(database, store, sender, conversations)
     await intake.accept(question("erin", 1))
     await run_until_empty(worker, intake)
     assert [r.text for r in sender.sent] == [RESET_ANSWER]
@@ -354,9 +358,7 @@ async def test_a_cache_answer_sent_by_a_crashed_worker_is_stored_by_the_next_not
 ) -> None:
     sender = RecordingSender()
     conversations = ConversationStore(db=database)
-    intake, worker = build(
-        database, store, sender, conversations=conversations, faq_cache=await reset_cache(store)
-    )
+    intake, worker = await faq_worker(database, store, sender, conversations)
     await intake.accept(question("fred", 1))
     # The first worker sent the answer and recorded it, then died before storing the turn.
     (entry,) = await intake.inbox.claim("dead-worker", count=1, block=0.01)
@@ -375,9 +377,7 @@ async def test_no_cache_answer_while_a_person_has_the_conversation(
 ) -> None:
     sender = RecordingSender()
     conversations = ConversationStore(db=database)
-    intake, worker = build(
-        database, store, sender, conversations=conversations, faq_cache=await reset_cache(store)
-    )
+    intake, worker = await faq_worker(database, store, sender, conversations)
     conversation = await conversations.get_or_create(
         ConversationKey(channel="test", chat_id="gail"), user_id="gail", language="en"
     )
