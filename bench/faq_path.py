@@ -22,21 +22,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.faq_cache import demo_entries, pct, variants
 from bench.load import (
-    PG_ADMIN,
-    REDIS_URL,
     SECRET,
     FakeTelegram,
     free_port,
+    scratch_services,
     start_bot_api,
     update,
     wait_healthy,
@@ -73,13 +70,6 @@ async def main() -> None:
     recorder = Recorder()
     runner, fake_api = await start_bot_api(recorder.handle)
 
-    db_name = f"kefu_bench_{uuid.uuid4().hex[:10]}"
-    database_url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{db_name}"
-    admin = await asyncpg.connect(PG_ADMIN)
-    await admin.execute(f'CREATE DATABASE "{db_name}"')
-    import redis.asyncio as redis
-
-    await redis.Redis.from_url(REDIS_URL).flushdb()
     workdir = tempfile.mkdtemp(prefix="kefu-bench-")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
@@ -87,67 +77,69 @@ async def main() -> None:
     questions = [(text, lang) for text, lang in variants(demo_entries()) if not wants_human(text, {})]
     known = {e.answer for e in demo_entries()}
     try:
-        await upgrade_async(database_url)
-        async with Database(url=database_url) as db:
-            await seed_demo(db)
-        port = free_port()
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, LOAD, "--serve", "kefu", str(port), fake_api, database_url],
-                cwd=workdir,
-                env=env,
-            )
-        )
-        await wait_healthy(f"http://127.0.0.1:{port}/healthz", procs[0])
-        procs.append(
-            subprocess.Popen([sys.executable, LOAD, "--work", fake_api, database_url], cwd=workdir, env=env)
-        )
-        url = f"http://127.0.0.1:{port}/telegram/webhook"
-        headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET, "Content-Type": "application/json"}
-        sent: dict[int, float] = {}
-        accepted: dict[int, float] = {}
+        async with scratch_services() as database_url:
+            try:
+                await upgrade_async(database_url)
+                async with Database(url=database_url) as db:
+                    await seed_demo(db)
+                port = free_port()
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, LOAD, "--serve", "kefu", str(port), fake_api, database_url],
+                        cwd=workdir,
+                        env=env,
+                    )
+                )
+                await wait_healthy(f"http://127.0.0.1:{port}/healthz", procs[0])
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, LOAD, "--work", fake_api, database_url], cwd=workdir, env=env
+                    )
+                )
+                url = f"http://127.0.0.1:{port}/telegram/webhook"
+                headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET, "Content-Type": "application/json"}
+                sent: dict[int, float] = {}
+                accepted: dict[int, float] = {}
 
-        async def ask(session: aiohttp.ClientSession, n: int, text: str) -> None:
-            chat = 500_000 + n
-            body = json.dumps(update(n + 1, chat, text)).encode()
-            sent[chat] = time.perf_counter()
-            async with session.post(url, data=body, headers=headers) as response:
-                await response.read()
-            accepted[chat] = time.perf_counter()
+                async def ask(session: aiohttp.ClientSession, n: int, text: str) -> None:
+                    chat = 500_000 + n
+                    body = json.dumps(update(n + 1, chat, text)).encode()
+                    sent[chat] = time.perf_counter()
+                    async with session.post(url, data=body, headers=headers) as response:
+                        await response.read()
+                    accepted[chat] = time.perf_counter()
 
-        async with aiohttp.ClientSession() as session:
-            # Warm up until the worker answers from the cache (it fills the cache when it starts).
-            for n in range(600):
-                await ask(session, 10_000_000 + n, questions[0][0])
-                await asyncio.sleep(0.1)
-                if recorder.replies.get(500_000 + 10_000_000 + n, (0, ""))[1] in known:
-                    break
-            else:
-                raise RuntimeError("the worker never answered from the FAQ cache")
-            # Then a few seconds of the same traffic, not measured: each pooled database connection
-            # prepares its statements on first use, which is start-up, not the steady state.
-            for n in range(args.warmup):
-                await ask(session, 10_100_000 + n, questions[n % len(questions)][0])
-                await asyncio.sleep(1 / args.rate)
-            started = time.perf_counter()
-            tasks = []
-            for n in range(args.messages):
-                await asyncio.sleep(max(0.0, started + n / args.rate - time.perf_counter()))
-                tasks.append(asyncio.create_task(ask(session, n, questions[n % len(questions)][0])))
-            await asyncio.gather(*tasks)
-        deadline = time.perf_counter() + 60
-        chats = [500_000 + n for n in range(args.messages)]
-        while time.perf_counter() < deadline and any(c not in recorder.replies for c in chats):
-            await asyncio.sleep(0.05)
+                async with aiohttp.ClientSession() as session:
+                    # Warm up until the worker answers from the cache (it fills the cache when it starts).
+                    for n in range(600):
+                        await ask(session, 10_000_000 + n, questions[0][0])
+                        await asyncio.sleep(0.1)
+                        if recorder.replies.get(500_000 + 10_000_000 + n, (0, ""))[1] in known:
+                            break
+                    else:
+                        raise RuntimeError("the worker never answered from the FAQ cache")
+                    # Then a few seconds of the same traffic, not measured: each pooled database connection
+                    # prepares its statements on first use, which is start-up, not the steady state.
+                    for n in range(args.warmup):
+                        await ask(session, 10_100_000 + n, questions[n % len(questions)][0])
+                        await asyncio.sleep(1 / args.rate)
+                    started = time.perf_counter()
+                    tasks = []
+                    for n in range(args.messages):
+                        await asyncio.sleep(max(0.0, started + n / args.rate - time.perf_counter()))
+                        tasks.append(asyncio.create_task(ask(session, n, questions[n % len(questions)][0])))
+                    await asyncio.gather(*tasks)
+                deadline = time.perf_counter() + 60
+                chats = [500_000 + n for n in range(args.messages)]
+                while time.perf_counter() < deadline and any(c not in recorder.replies for c in chats):
+                    await asyncio.sleep(0.05)
+            finally:
+                for proc in procs:
+                    proc.terminate()
+                for proc in procs:
+                    proc.wait(timeout=60)
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=60)
         await runner.cleanup()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-        await admin.close()
-        await redis.Redis.from_url(REDIS_URL).flushdb()
 
     latencies = [(recorder.replies[c][0] - sent[c]) * 1000 for c in chats if c in recorder.replies]
     from_cache = sum(1 for c in chats if c in recorder.replies and recorder.replies[c][1] in known)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -33,6 +34,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +160,25 @@ class FakeTelegram:
         self.arrivals.setdefault(text, []).append(time.perf_counter())
 
 
+@contextlib.asynccontextmanager
+async def scratch_services() -> AsyncIterator[str]:
+    """A scratch PostgreSQL database (yields its URL) and an empty Redis database, both cleared after."""
+    import redis.asyncio as redis
+
+    name = f"kefu_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(PG_ADMIN)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    client = redis.Redis.from_url(REDIS_URL)
+    await client.flushdb()
+    try:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+        await client.flushdb()
+        await client.aclose()
+
+
 async def start_bot_api(handle: Any) -> tuple[web.AppRunner, str]:
     """Serve ``handle`` as the Bot API methods on a free port; returns the runner and the base URL."""
     app = web.Application()
@@ -280,6 +301,81 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
+async def measure(
+    args: argparse.Namespace,
+    fake: FakeTelegram,
+    fake_api: str,
+    database_url: str,
+    workdir: str,
+    results: dict[str, dict[str, float]],
+) -> None:
+    """The echo burst, then the kefu bursts, the drain and the paced run; fills ``results``."""
+    for mode in ("echo", "kefu"):
+        port = free_port()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--serve",
+                mode,
+                str(port),
+                fake_api,
+                database_url,
+            ],
+            cwd=workdir,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        workers: list[subprocess.Popen[bytes]] = []
+        try:
+            await wait_healthy(
+                f"http://127.0.0.1:{port}/" + ("healthz" if mode == "kefu" else "telegram/webhook"), proc
+            )
+            if mode == "echo":
+                results["echo"], _ = await burst(port, args.messages, args.chats, args.concurrency, "echo")
+                continue
+            # Half the burst with no worker running: the gateway alone, as the echo server is.
+            half = args.messages // 2
+            results["alone"], first_sent = await burst(port, half, args.chats, args.concurrency, "alone")
+            workers = [
+                subprocess.Popen(
+                    [sys.executable, __file__, "--work", fake_api, database_url],
+                    cwd=workdir,
+                    env={**os.environ, "PYTHONPATH": str(ROOT)},
+                )
+                for _ in range(args.workers)
+            ]
+            await asyncio.sleep(args.worker_start)
+            # The other half while the workers answer the first: they share the cores.
+            row, second_sent = await burst(
+                port, args.messages - half, args.chats, args.concurrency, "shared", first_id=half + 1
+            )
+            sent_at = first_sent | second_sent
+            await drain(fake, sent_at, args.drain_timeout)
+            answered = [fake.arrivals[t][0] - sent_at[t] for t in sent_at if t in fake.arrivals]
+            counts = Counter(len(fake.arrivals.get(t, [])) for t in sent_at)
+            last = max((fake.arrivals[t][0] for t in sent_at if t in fake.arrivals), default=0.0)
+            first = min((fake.arrivals[t][0] for t in sent_at if t in fake.arrivals), default=0.0)
+            # End to end at a steady rate the workers keep up with (the burst only queues).
+            steady = await paced(port, args.paced, args.paced_rate, "paced")
+            await drain(fake, steady, 60)
+            latencies = [fake.arrivals[t][0] - steady[t] for t in steady if t in fake.arrivals]
+            row |= {
+                "e2e_p50": pct(latencies, 0.5) if latencies else float("nan"),
+                "e2e_p99": pct(latencies, 0.99) if latencies else float("nan"),
+                "lost": float(counts.get(0, 0) + sum(1 for t in steady if t not in fake.arrivals)),
+                "duplicated": float(
+                    sum(max(0, len(fake.arrivals.get(t, [])) - 1) for t in [*sent_at, *steady])
+                ),
+                "answered_rate": len(answered) / (last - first) if last > first else 0.0,
+            }
+            results["shared"] = row
+        finally:
+            for child in [proc, *workers]:
+                child.terminate()
+            for child in [proc, *workers]:
+                child.wait(timeout=60)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -297,87 +393,13 @@ async def main() -> None:
     fake = FakeTelegram()
     runner, fake_api = await start_bot_api(fake.handle)
 
-    db_name = f"kefu_bench_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(PG_ADMIN)
-    await admin.execute(f'CREATE DATABASE "{db_name}"')
-    import redis.asyncio as redis
-
-    await redis.Redis.from_url(REDIS_URL).flushdb()
-    database_url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{db_name}"
     results: dict[str, dict[str, float]] = {}
     workdir = tempfile.mkdtemp(prefix="kefu-bench-")  # the server's kefu.key goes here
     try:
-        for mode in ("echo", "kefu"):
-            port = free_port()
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    __file__,
-                    "--serve",
-                    mode,
-                    str(port),
-                    fake_api,
-                    database_url,
-                ],
-                cwd=workdir,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-            )
-            workers: list[subprocess.Popen[bytes]] = []
-            try:
-                await wait_healthy(
-                    f"http://127.0.0.1:{port}/" + ("healthz" if mode == "kefu" else "telegram/webhook"), proc
-                )
-                if mode == "echo":
-                    results["echo"], _ = await burst(
-                        port, args.messages, args.chats, args.concurrency, "echo"
-                    )
-                    continue
-                # Half the burst with no worker running: the gateway alone, as the echo server is.
-                half = args.messages // 2
-                results["alone"], first_sent = await burst(port, half, args.chats, args.concurrency, "alone")
-                workers = [
-                    subprocess.Popen(
-                        [sys.executable, __file__, "--work", fake_api, database_url],
-                        cwd=workdir,
-                        env={**os.environ, "PYTHONPATH": str(ROOT)},
-                    )
-                    for _ in range(args.workers)
-                ]
-                await asyncio.sleep(args.worker_start)
-                # The other half while the workers answer the first: they share the cores.
-                row, second_sent = await burst(
-                    port, args.messages - half, args.chats, args.concurrency, "shared", first_id=half + 1
-                )
-                sent_at = first_sent | second_sent
-                await drain(fake, sent_at, args.drain_timeout)
-                answered = [fake.arrivals[t][0] - sent_at[t] for t in sent_at if t in fake.arrivals]
-                counts = Counter(len(fake.arrivals.get(t, [])) for t in sent_at)
-                last = max((fake.arrivals[t][0] for t in sent_at if t in fake.arrivals), default=0.0)
-                first = min((fake.arrivals[t][0] for t in sent_at if t in fake.arrivals), default=0.0)
-                # End to end at a steady rate the workers keep up with (the burst only queues).
-                steady = await paced(port, args.paced, args.paced_rate, "paced")
-                await drain(fake, steady, 60)
-                latencies = [fake.arrivals[t][0] - steady[t] for t in steady if t in fake.arrivals]
-                row |= {
-                    "e2e_p50": pct(latencies, 0.5) if latencies else float("nan"),
-                    "e2e_p99": pct(latencies, 0.99) if latencies else float("nan"),
-                    "lost": float(counts.get(0, 0) + sum(1 for t in steady if t not in fake.arrivals)),
-                    "duplicated": float(
-                        sum(max(0, len(fake.arrivals.get(t, [])) - 1) for t in [*sent_at, *steady])
-                    ),
-                    "answered_rate": len(answered) / (last - first) if last > first else 0.0,
-                }
-                results["shared"] = row
-            finally:
-                for child in [proc, *workers]:
-                    child.terminate()
-                for child in [proc, *workers]:
-                    child.wait(timeout=60)
+        async with scratch_services() as database_url:
+            await measure(args, fake, fake_api, database_url, workdir, results)
     finally:
         await runner.cleanup()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-        await admin.close()
-        await redis.Redis.from_url(REDIS_URL).flushdb()
 
     echo, alone, shared = results["echo"], results["alone"], results["shared"]
     print(

@@ -133,7 +133,8 @@ class Engine:
         No SQL: normalisation, the input guard and one store read. None for whatever an ordinary turn
         treats differently: empty or over-long input, a request for a person, input the guard does not
         simply allow. The caller sends the answer and then stores the turn with :meth:`stream`
-        (``sent=``); it checks first that no person has the conversation.
+        (``sent=``); it checks first that no person has the conversation. After a miss it passes
+        ``cache_missed=True`` to :meth:`stream`, which then does not ask the cache again.
         """
         if self._faq_cache is None:
             return None
@@ -146,8 +147,7 @@ class Engine:
                 return None
             text = decision.text
         hit = await self._faq_cache.lookup(neutralize_control_tokens(text), message.language)
-        if hit is not None:
-            metrics.faq_cache_lookup(hit=True)  # a miss is counted by the ordinary turn that follows
+        metrics.faq_cache_lookup(hit=hit is not None)
         return hit
 
     def cached_reply(self, message: InboundMessage, cached: CachedAnswer) -> Reply:
@@ -155,7 +155,12 @@ class Engine:
         return self._reply(message, cached.answer, ReplySource.FAQ_CACHE)
 
     async def stream(
-        self, message: InboundMessage, *, raise_on_outage: bool = False, sent: CachedAnswer | None = None
+        self,
+        message: InboundMessage,
+        *,
+        raise_on_outage: bool = False,
+        sent: CachedAnswer | None = None,
+        cache_missed: bool = False,
     ) -> AsyncIterator[ReplyEvent]:
         """Answer ``message``, yielding text deltas as the model writes and always a final ReplyDone.
 
@@ -184,7 +189,7 @@ class Engine:
                 f"lock:conversation:{message.key}", ttl=self._limits.lock_ttl, wait=self._limits.lock_wait
             )
             async with lock:
-                async for event in self._answer(message, text, sent):
+                async for event in self._answer(message, text, sent, cache_missed):
                     yield event
         except Exception as exc:
             if raise_on_outage and is_outage(exc):
@@ -204,7 +209,7 @@ class Engine:
             await self._faq_cache.wait_idle()
 
     async def _answer(
-        self, message: InboundMessage, text: str, sent: CachedAnswer | None
+        self, message: InboundMessage, text: str, sent: CachedAnswer | None, cache_missed: bool
     ) -> AsyncIterator[ReplyEvent]:
         conversations = self._conversations
         conversation = await conversations.get_or_create(
@@ -272,7 +277,7 @@ class Engine:
             turn.answer, turn.source = sent.answer, ReplySource.FAQ_CACHE
             turn.meta = {"faq_entry": sent.entry_id, "sent_first": True}
         else:
-            async for delta in self._respond(message, conversation, history, text, turn):
+            async for delta in self._respond(message, conversation, history, text, turn, cache_missed):
                 yield ReplyDelta(text=delta)
         if turn.source is ReplySource.MODEL and self._moderator is not None:
             await self._moderate(conversation.id, message, turn)
@@ -336,10 +341,16 @@ class Engine:
         history: list[Message],
         text: str,
         turn: _Turn,
+        cache_missed: bool,
     ) -> AsyncIterator[str]:
-        """Fill ``turn`` with the answer: guard, FAQ cache, model (behind the breaker), FAQ fallback."""
+        """Fill ``turn`` with the answer: guard, FAQ cache, model (behind the breaker), FAQ fallback.
+
+        ``cache_missed``: :meth:`from_cache` already asked the cache for this text as the guard allows
+        it; the cache is asked again only for a text the guard changed.
+        """
         assert conversation.id is not None
         language = message.language
+        ask_cache = not cache_missed
         if self._guard is not None:
             decision = self._guard.check(text)
             if decision.action != "allow":
@@ -363,10 +374,11 @@ class Engine:
                 turn.meta = {"guard": decision.category, "rule": decision.rule}
                 return
             text = decision.text
+            ask_cache = ask_cache or decision.action != "allow"
         # Chat-template control tokens typed by a customer never reach the prompt, whatever the guard said.
         text = neutralize_control_tokens(text)
 
-        if self._faq_cache is not None:
+        if self._faq_cache is not None and ask_cache:
             hit = await self._faq_cache.lookup(text, language)
             metrics.faq_cache_lookup(hit=hit is not None)
             if hit is not None:

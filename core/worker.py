@@ -71,6 +71,12 @@ async def _final(reply: Reply) -> AsyncIterator[ReplyEvent]:
     yield ReplyDone(reply=reply)
 
 
+async def _consume(events: AsyncIterator[ReplyEvent]) -> None:
+    """Run an engine stream whose reply nobody is sent (it is stored, not delivered)."""
+    async for _ in events:
+        pass
+
+
 def _extra(message: InboundMessage) -> dict[str, str]:
     return {"conversation": str(message.key), "message_id": message.message_id}
 
@@ -360,8 +366,7 @@ class Worker:
             return SENT
         if await self._engine.is_paused(message.key):
             # A person has the conversation: the engine stores the message, nobody is sent a bot answer.
-            async for _ in self._engine.stream(message, raise_on_outage=True):
-                pass
+            await _consume(self._engine.stream(message, raise_on_outage=True))
             return SENT
         cached = await self._engine.from_cache(message)
         if cached is not None:
@@ -370,7 +375,8 @@ class Worker:
             if reply.source is not ReplySource.FAQ_CACHE:
                 return SENT  # the platform answered it with a fixed text of its own (a command, media)
             return json.dumps({"faq_entry": cached.entry_id, "answer": cached.answer}, ensure_ascii=False)
-        reply = await sender.deliver(message, self._engine.stream(message, raise_on_outage=True))
+        events = self._engine.stream(message, raise_on_outage=True, cache_missed=True)
+        reply = await sender.deliver(message, events)
         metrics.reply_sent(message.key.channel, reply.source.value, message.received_at)
         return SENT
 
@@ -382,8 +388,7 @@ class Worker:
         except (ValueError, KeyError, TypeError):
             log.error("unreadable sent record %r; turn not stored", record[:80], extra=_extra(message))
             return
-        async for _ in self._engine.stream(message, raise_on_outage=True, sent=cached):
-            pass
+        await _consume(self._engine.stream(message, raise_on_outage=True, sent=cached))
 
     async def _record_sent(self, entry: InboxEntry, record: str) -> None:
         """Record a delivered reply, retrying through a short Redis outage.

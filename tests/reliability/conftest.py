@@ -179,10 +179,10 @@ class PostgresServer:
 
 @pytest.fixture
 async def postgres_server(tmp_path: Path) -> AsyncIterator[PostgresServer]:
-    """A private, running PostgreSQL server (skipped where no server binaries are installed)."""
+    """A private, running PostgreSQL server, from the binaries of the one the tests already use."""
     bindir = _postgres_bin()
     if bindir is None:
-        pytest.skip("no PostgreSQL server binaries under /usr/lib/postgresql")
+        pytest.fail("no PostgreSQL server binaries under /usr/lib/postgresql: install postgresql")
     if os.geteuid() == 0:
         directory = Path(tempfile.mkdtemp(prefix="kefu-pg-"))
         shutil.chown(directory, "postgres", "postgres")
