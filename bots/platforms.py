@@ -27,6 +27,7 @@ from types import ModuleType
 from typing import Any
 
 from core.delivery import SenderRegistry
+from core.heap import settle
 from core.jobs import notify_through, standard_jobs
 from core.runtime import Runtime
 from core.scheduler import Scheduler
@@ -90,6 +91,8 @@ async def running(
         jobs = standard_jobs(runtime, notify=notify_through(senders))
         scheduler = Scheduler(store=runtime.store, jobs=jobs, identity=consumer_name())
         scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
+    # The process is started: what it built lives as long as it does, so keep full collections off it.
+    settle()
     try:
         yield senders
     finally:
