@@ -352,11 +352,22 @@ class _Target:
         )
 
 
-class _Pacer:
-    """Spaces out messages: per chat (~1/s, 20/min in groups) and overall (~30/s)."""
+MAX_SENDS_PER_SECOND = 30
+"""Telegram's limit for one bot across all its chats ("about 30 messages per second")."""
 
-    def __init__(self, *, overall_interval: float) -> None:
+
+class _Pacer:
+    """Spaces out messages: per chat (~1/s, 20/min in groups) and overall (~30/s).
+
+    ``overall``, when given, paces the bot as a whole across processes (a shared rate) instead of the
+    local ``overall_interval``.
+    """
+
+    def __init__(
+        self, *, overall_interval: float, overall: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         self._overall_interval = overall_interval
+        self._overall = overall
         self._chat_next: dict[int, float] = {}
         self._overall_next = 0.0
 
@@ -378,6 +389,9 @@ class _Pacer:
         self._chat_next[chat_id] = slot + interval
         if slot > now:
             await asyncio.sleep(slot - now)
+        if self._overall is not None:
+            await self._overall()
+            return
         now = loop.time()
         overall = max(now, self._overall_next)
         self._overall_next = overall + self._overall_interval
@@ -416,7 +430,11 @@ class _Typing:
 
 
 class TelegramSender(ReplySender):
-    """Sends replies through the Bot API with pacing, flood-control retries, typing and streaming."""
+    """Sends replies through the Bot API with pacing, flood-control retries, typing and streaming.
+
+    ``overall`` is awaited before every Bot API call to pace the bot across processes (a
+    :class:`core.pacing.SharedRate`); without it this sender alone keeps ``overall_interval``.
+    """
 
     channel = CHANNEL
 
@@ -426,7 +444,8 @@ class TelegramSender(ReplySender):
         bot: Bot,
         chat_interval: float = 1.0,
         group_interval: float = 3.0,
-        overall_interval: float = 1 / 30,
+        overall_interval: float = 1 / MAX_SENDS_PER_SECOND,
+        overall: Callable[[], Awaitable[None]] | None = None,
         max_attempts: int = 5,
         max_retry_wait: float = 60.0,
         backoff: float = 0.5,
@@ -437,7 +456,7 @@ class TelegramSender(ReplySender):
         self._bot = bot
         self._chat_interval = chat_interval
         self._group_interval = group_interval
-        self._pacer = _Pacer(overall_interval=overall_interval)
+        self._pacer = _Pacer(overall_interval=overall_interval, overall=overall)
         self._max_attempts = max_attempts
         self._max_retry_wait = max_retry_wait
         self._backoff = backoff

@@ -1,0 +1,68 @@
+"""One Telegram bot, several worker processes: together they keep the bot's overall send rate."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from core.errors import StoreError
+from core.pacing import SharedRate
+from core.stores.memory import MemoryStore
+from core.stores.redis import RedisStore
+from tests.core.test_stores import REDIS_URL, drop_keys, unique_prefix
+
+
+@pytest.fixture
+async def redis_store() -> AsyncIterator[RedisStore]:
+    prefix = unique_prefix()
+    store = RedisStore(url=REDIS_URL, prefix=prefix)
+    try:
+        yield store
+    finally:
+        await drop_keys(store.client, prefix)
+        await store.aclose()
+
+
+async def send_times(rates: list[SharedRate], each: int) -> list[int]:
+    """The second (wall clock) in which each of ``each`` sends per rate was let through."""
+    seconds: list[int] = []
+
+    async def sender(rate: SharedRate) -> None:
+        for _ in range(each):
+            await rate.wait()
+            seconds.append(int(time.time()))
+
+    await asyncio.gather(*(sender(rate) for rate in rates))
+    return seconds
+
+
+@pytest.mark.redis
+async def test_two_workers_share_one_bots_limit(redis_store: RedisStore) -> None:
+    # Two processes' senders of one bot, 10 sends a second allowed in all, 15 sends each.
+    workers = [SharedRate(store=redis_store, name="telegram:42", per_second=10) for _ in range(2)]
+    seconds = await send_times(workers, each=15)
+    # 30 sends at 10 a second need three seconds: alone, each worker would have needed two.
+    assert max(seconds) - min(seconds) >= 2
+    assert max(seconds.count(second) for second in set(seconds)) <= 10
+
+
+class DownStore(MemoryStore):
+    async def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
+        raise StoreError("redis is restarting")
+
+
+async def test_sends_go_on_at_the_same_rate_while_the_store_is_down(caplog: pytest.LogCaptureFixture) -> None:
+    rate = SharedRate(store=DownStore(), name="telegram:42", per_second=20)
+    loop = asyncio.get_running_loop()
+    with caplog.at_level(logging.WARNING, logger="core.pacing"):
+        started = loop.time()
+        for _ in range(11):
+            await rate.wait()
+        spent = loop.time() - started
+    assert "pacing this process alone" in caplog.text
+    # Eleven sends at 20 a second, spaced evenly: the last one half a second after the first.
+    assert spent >= 0.5
