@@ -22,9 +22,10 @@ import asyncio
 import hmac
 import logging
 import re
+import time
 import weakref
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiogram import Bot
@@ -48,6 +49,7 @@ from adapters.telegram_update import Update
 from bots.http import BodyTooLarge, read_limited_body
 from core.errors import ConfigError
 from core.intake import Accepted, Intake
+from core.pacing import SharedRate
 from core.runtime import Runtime
 from core.settings import Settings
 from core.stores.base import StateStore
@@ -67,6 +69,13 @@ _SECRET_FORMAT = re.compile(r"[A-Za-z0-9_-]{1,256}")
 # --- plugin contract -----------------------------------------------------------------------------
 
 
+IDENTIFY_TIMEOUT = 5
+"""Seconds a getMe may take: webhook calls wait for it."""
+IDENTIFY_RETRY = 30.0
+"""After a failed getMe, webhook calls go on without the bot's username this long before it is asked
+again, so an unreachable Bot API does not cost every webhook call a request and a timeout."""
+
+
 @dataclass
 class _Telegram:
     """One Bot (one HTTP session) per runtime, shared by the sender, the poller and the route."""
@@ -74,13 +83,22 @@ class _Telegram:
     bot: Bot
     sender: adapter.TelegramSender
     identity: adapter.BotIdentity | None = None
+    retry_at: float = 0.0
+    asking: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def identify(self) -> adapter.BotIdentity:
-        """The bot's id and username (getMe, asked once)."""
-        if self.identity is None:
-            me = await self.bot.get_me()
+    async def identify(self) -> adapter.BotIdentity | None:
+        """The bot's id and username (getMe, asked once); None while Telegram cannot tell."""
+        async with self.asking:  # concurrent webhook calls share one getMe
+            if self.identity is not None or time.monotonic() < self.retry_at:
+                return self.identity
+            try:
+                me = await self.bot.get_me(request_timeout=IDENTIFY_TIMEOUT)
+            except (TelegramAPIError, ClientDecodeError):
+                self.retry_at = time.monotonic() + IDENTIFY_RETRY
+                log.warning("getMe failed; asking again in %.0fs", IDENTIFY_RETRY, exc_info=True)
+                return None
             self.identity = adapter.BotIdentity(id=me.id, username=me.username)
-        return self.identity
+            return self.identity
 
 
 # One bot client per running runtime. Keyed by id() with a weak reference to check identity, because a
@@ -99,7 +117,9 @@ def _telegram(settings: Settings, runtime: Runtime) -> _Telegram:
         )
     except TokenValidationError as exc:
         raise ConfigError("KEFU_TELEGRAM_TOKEN is not a bot token (expected 123456789:AA...)") from exc
-    instance = _Telegram(bot=bot, sender=adapter.TelegramSender(bot=bot))
+    # Telegram's overall limit is per bot: every worker process draws on one shared rate.
+    rate = SharedRate(store=runtime.store, name=f"telegram:{bot.id}", per_second=adapter.MAX_SENDS_PER_SECOND)
+    instance = _Telegram(bot=bot, sender=adapter.TelegramSender(bot=bot, overall=rate.wait))
     _instances[id(runtime)] = (weakref.ref(runtime), instance)
     return instance
 
@@ -181,13 +201,12 @@ async def telegram_webhook(request: Request) -> Response:
     except ValidationError:
         log.warning("Telegram webhook body from %s is not an update", peer)
         return _plain("Bad Request", 400)
-    try:
-        identity = await telegram.identify()
-    except (TelegramAPIError, ClientDecodeError):
+    identity = await telegram.identify()
+    if identity is None:
         message = update.message
         if message is not None and message.chat.type != "private":
             # Without the bot's username a mention cannot be recognised: let Telegram retry.
-            log.warning("getMe failed; group update %d left for Telegram to resend", update.update_id)
+            log.warning("bot username unknown; group update %d left for Telegram to resend", update.update_id)
             return _plain("Service Unavailable", 503)
         identity = adapter.BotIdentity(id=telegram.bot.id)
     try:
@@ -232,10 +251,7 @@ async def register_webhook(
             continue
         log.info("Telegram webhook registered at %s", url)
         break
-    try:
-        await telegram.identify()  # so the first group message needs no getMe round trip
-    except (TelegramAPIError, ClientDecodeError):
-        log.warning("getMe failed; it is retried on the first update", exc_info=True)
+    await telegram.identify()  # so the first group message needs no getMe round trip
 
 
 # --- long polling --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bots import telegram as telegram_route
 from core.llm.base import ChatChunk, ChatRequest
 from core.llm.testing import FunctionModel
 from core.texts import text as fixed_text
@@ -150,6 +151,31 @@ async def test_in_groups_only_mentions_are_answered_as_replies(
         "About «where is order 42?»: orders ship in 2 days & cost < 5 € > 0."
     ]
     assert [last_user_text(r) for r in model.requests] == ["where is order 42?", "sync"]
+
+
+async def test_while_getme_fails_private_chats_are_answered_and_group_updates_are_resent(
+    tmp_path: Path, fake_api: FakeBotAPI, model: FunctionModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unreachable getMe costs one Bot API request per retry period, not one per webhook call."""
+    monkeypatch.setattr(telegram_route, "IDENTIFY_RETRY", 2.0)
+    fake_api.fail_next("getMe", 502, "Bad Gateway")
+    async with gateway(telegram_settings(tmp_path, fake_api), model) as gw:
+        await answered(gw, fake_api, 1, "where is my parcel?")
+        await answered(gw, fake_api, 2, "and the invoice?")
+        # Without the bot's username a mention cannot be told apart: Telegram is asked to resend it.
+        mention = group_message(3, "where is order 42?", mention=True)
+        assert (await gw.post(mention)).status_code == 503
+        gw.statuses.remove(503)
+        assert len(fake_api.calls_to("getMe")) == 1
+        await asyncio.sleep(2.1)
+        assert (await gw.post(mention)).status_code == 200  # Telegram's resend, after the period
+        await wait_until(lambda: len(fake_api.sent(GROUP_ID)) == 1)
+
+    assert len(fake_api.calls_to("getMe")) == 2
+    assert (
+        fake_api.sent(GROUP_ID)[0].params["reply_parameters"]["message_id"]
+        == mention["message"]["message_id"]
+    )
 
 
 async def test_start_and_help_answer_in_the_users_language_without_the_model(
