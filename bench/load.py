@@ -10,7 +10,8 @@ server with the same load is the ceiling. Prints:
   p50/p99 accept latency, against the ceiling: for the first half of the burst with no worker running
   (the gateway alone, like the echo server), for the second half while the workers answer the first
   (they share the cores);
-- how fast the workers answered the burst, and lost / duplicated answers (each answer must reach the
+- how fast the workers answered the burst (at most 30 a second: Telegram's limit for one bot, which
+  all workers of the bot keep together), and lost / duplicated answers (each answer must reach the
   fake API exactly once, as a new message or as the final edit of a streamed draft);
 - end-to-end latency (POST → sendMessage) p50/p99 at a steady rate the workers keep up with.
 

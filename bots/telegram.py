@@ -88,6 +88,8 @@ class _Telegram:
 
     async def identify(self) -> adapter.BotIdentity | None:
         """The bot's id and username (getMe, asked once); None while Telegram cannot tell."""
+        if self.identity is not None:
+            return self.identity
         async with self.asking:  # concurrent webhook calls share one getMe
             if self.identity is not None or time.monotonic() < self.retry_at:
                 return self.identity
