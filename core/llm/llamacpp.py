@@ -21,7 +21,7 @@ import json
 import random
 import re
 import threading
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -61,6 +61,36 @@ def default_model_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"no embedded model: set {_PATH_SETTING} to a GGUF file, or {_MISSING_EMBEDDED}")
     return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+
+
+_params_patch = threading.Lock()
+
+
+@contextlib.contextmanager
+def _plain_weight_buffers() -> Iterator[None]:
+    """Load weights without llama.cpp's extra buffer types (``use_extra_bufts=False``).
+
+    Built natively on a CPU with AMX (Xeon Sapphire Rapids and later), llama.cpp repacks the weights
+    into AMX buffers, and decoding a prompt of a few hundred tokens with them crashes the process
+    (segmentation fault, llama-cpp-python 0.3.36). ``Llama()`` has no argument for this field of the
+    model parameters, so the defaults it starts from are patched while it loads. Repacking only speeds
+    up some quantisations on some CPUs; for the embedded model the difference does not show.
+    """
+    import llama_cpp.llama_cpp as native
+
+    defaults = native.llama_model_default_params
+
+    def without_extra_buffers() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with _params_patch:
+        native.llama_model_default_params = without_extra_buffers
+        try:
+            yield
+        finally:
+            native.llama_model_default_params = defaults
 
 
 class LlamaCppModel(ChatModel):
@@ -110,12 +140,13 @@ class LlamaCppModel(ChatModel):
                     f"the llamacpp backend needs llama-cpp-python: {_MISSING_EMBEDDED}"
                 ) from exc
             try:
-                llm = Llama(
-                    model_path=str(self.model_path),
-                    n_ctx=self._n_ctx,
-                    n_threads=self._n_threads,
-                    verbose=False,
-                )
+                with _plain_weight_buffers():
+                    llm = Llama(
+                        model_path=str(self.model_path),
+                        n_ctx=self._n_ctx,
+                        n_threads=self._n_threads,
+                        verbose=False,
+                    )
             except (ValueError, RuntimeError, OSError) as exc:
                 raise ConfigError(f"{_PATH_SETTING}: cannot load {str(self.model_path)!r}: {exc}") from exc
             template = llm.metadata.get("tokenizer.chat_template")
