@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import ConfigError, LLMError, ModelOutputError
 from core.llm.base import ChatMessage, ChatRequest, ChatResponse, ToolCall, ToolSpec
@@ -25,7 +25,8 @@ SYSTEM = ChatMessage.system("You are the customer-service agent of a web shop. A
 
 class OrderArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    order_id: str
+    # Bounded like the real tool's: the grammar then closes the string even when the model rambles.
+    order_id: str = Field(max_length=24)
 
 
 class Priority(StrEnum):
