@@ -36,6 +36,7 @@ from aiogram.exceptions import (
     TelegramServerError,
 )
 from aiogram.methods import (
+    DeleteMessage,
     DeleteWebhook,
     EditMessageText,
     GetMe,
@@ -429,6 +430,13 @@ class _Typing:
             await asyncio.sleep(self._interval)
 
 
+@dataclass
+class _Draft:
+    """The message a streamed answer is being written into, once one was sent."""
+
+    message_id: int | None = None
+
+
 class TelegramSender(ReplySender):
     """Sends replies through the Bot API with pacing, flood-control retries, typing and streaming.
 
@@ -504,6 +512,22 @@ class TelegramSender(ReplySender):
 
     async def _stream(self, message: InboundMessage, events: AsyncIterator[ReplyEvent]) -> Reply:
         target = _Target.of(message.key, message.extras)
+        draft = _Draft()
+        try:
+            final = await self._show_while_written(target, events, draft)
+            return await self._complete(target, final, draft)
+        except Exception:
+            # The answer did not get through (a database outage mid-answer, the Bot API refusing the
+            # last edit): the entry is answered again later, so the half-written message must not stay.
+            if draft.message_id is not None:
+                await self._withdraw(target, draft.message_id)
+            raise
+
+    async def _show_while_written(
+        self, target: _Target, events: AsyncIterator[ReplyEvent], draft: _Draft
+    ) -> Reply:
+        """Show "typing…", then the answer so far in one message edited about once a second (slow
+        answers only); returns the final reply."""
         loop = asyncio.get_running_loop()
         typing = _Typing(
             lambda: self._bot(
@@ -513,7 +537,6 @@ class TelegramSender(ReplySender):
         )
         typing.start()
         written = ""
-        preview_id: int | None = None
         shown = ""
         next_show = loop.time() + self._stream_after
         final: Reply | None = None
@@ -533,27 +556,38 @@ class TelegramSender(ReplySender):
                 preview = chunks[0] + " …"
                 if preview == shown or not self._pacer.ready(target.chat_id):
                     continue
-                if preview_id is None:
+                if draft.message_id is None:
                     await typing.stop()
-                    preview_id = await self._try_preview(target, preview)
+                    draft.message_id = await self._try_preview(target, preview)
                 else:
-                    await self._try_edit_preview(target, preview_id, preview)
+                    await self._try_edit_preview(target, draft.message_id, preview)
                 shown = preview
         finally:
             await typing.stop()
         if final is None:
             raise RuntimeError("engine stream ended without a reply")
-        if preview_id is None:
+        return final
+
+    async def _complete(self, target: _Target, final: Reply, draft: _Draft) -> Reply:
+        """Send ``final``: as new messages, or by finishing the draft and sending the rest."""
+        if draft.message_id is None:
             await self.send(final)
             return final
         chunks = render_chunks(reply_text(final))
         if not chunks:
             return final
-        if not await self._edit(target, preview_id, chunks[0]):
+        if not await self._edit(target, draft.message_id, chunks[0]):
             await self._send_chunk(target, chunks[0], quote=True)
         for chunk in chunks[1:]:
             await self._send_chunk(target, chunk, quote=False)
         return final
+
+    async def _withdraw(self, target: _Target, message_id: int) -> None:
+        """Delete a streamed message whose answer failed; a later attempt sends the whole answer."""
+        try:
+            await self._bot(DeleteMessage(chat_id=target.chat_id, message_id=message_id))
+        except (TelegramAPIError, ClientDecodeError):
+            log.warning("could not delete an unfinished streamed answer", exc_info=True)
 
     async def _try_preview(self, target: _Target, text: str) -> int | None:
         """Send the first, provisional message of a streamed answer; None when it did not go out."""

@@ -246,6 +246,11 @@ class FakeBotAPI:
         message.update(text=text, edit_date=int(time.time()))
         return message
 
+    async def _m_deleteMessage(self, params: dict[str, Any]) -> Any:
+        if self.messages.pop((params["chat_id"], params["message_id"]), None) is None:
+            raise _Refused("message to delete not found")
+        return True
+
     async def _m_sendChatAction(self, params: dict[str, Any]) -> Any:
         return True
 
