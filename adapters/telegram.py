@@ -365,7 +365,7 @@ class _Pacer:
     """
 
     def __init__(
-        self, *, overall_interval: float, overall: Callable[[], Awaitable[None]] | None = None
+        self, *, overall_interval: float, overall: Callable[[], Awaitable[object]] | None = None
     ) -> None:
         self._overall_interval = overall_interval
         self._overall = overall
@@ -453,7 +453,7 @@ class TelegramSender(ReplySender):
         chat_interval: float = 1.0,
         group_interval: float = 3.0,
         overall_interval: float = 1 / MAX_SENDS_PER_SECOND,
-        overall: Callable[[], Awaitable[None]] | None = None,
+        overall: Callable[[], Awaitable[object]] | None = None,
         max_attempts: int = 5,
         max_retry_wait: float = 60.0,
         backoff: float = 0.5,

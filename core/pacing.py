@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 class SharedRate:
-    """At most ``per_second`` calls of :meth:`wait` return in any one second, across processes."""
+    """At most ``per_second`` calls of :meth:`wait` are let through in each second of the clock,
+    across processes (a burst may still straddle two seconds)."""
 
     def __init__(self, *, store: StateStore, name: str, per_second: int) -> None:
         if per_second < 1:
@@ -29,8 +30,9 @@ class SharedRate:
         self._per_second = per_second
         self._local_next = 0.0
 
-    async def wait(self) -> None:
-        """Return when one more send fits in the current second, waiting for a later one if needed."""
+    async def wait(self) -> int:
+        """Return when one more send fits in the current second, waiting for a later one if needed;
+        returns the second (Unix time) it was counted in."""
         while True:
             now = time.time()
             window = int(now)
@@ -39,9 +41,9 @@ class SharedRate:
             except Exception:
                 log.warning("send rate store unavailable; pacing this process alone", exc_info=True)
                 await self._wait_locally()
-                return
+                return int(time.time())
             if taken <= self._per_second:
-                return
+                return window
             await asyncio.sleep(window + 1 - now)
 
     async def _wait_locally(self) -> None:

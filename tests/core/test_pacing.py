@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -28,13 +27,12 @@ async def redis_store() -> AsyncIterator[RedisStore]:
 
 
 async def send_times(rates: list[SharedRate], each: int) -> list[int]:
-    """The second (wall clock) in which each of ``each`` sends per rate was let through."""
+    """The second in which each of ``each`` sends per rate was let through."""
     seconds: list[int] = []
 
     async def sender(rate: SharedRate) -> None:
         for _ in range(each):
-            await rate.wait()
-            seconds.append(int(time.time()))
+            seconds.append(await rate.wait())
 
     await asyncio.gather(*(sender(rate) for rate in rates))
     return seconds
