@@ -74,7 +74,12 @@ class Runtime:
         async with AsyncExitStack() as stack:
             if settings.auto_migrate:
                 await upgrade_async(settings.database_url)
-            db = await stack.enter_async_context(Database(url=settings.database_url))
+            # Each of the worker's lanes holds a connection during a turn; the audit log, the hand-off
+            # check and the FAQ watch use a few more. Connections beyond the pool are closed on return,
+            # and PostgreSQL forks a process for every new one.
+            db = await stack.enter_async_context(
+                Database(url=settings.database_url, pool_size=settings.worker_concurrency + 4)
+            )
             store = await stack.enter_async_context(build_store(redis_url=settings.redis_url))
             # Every model call of this process (answers and summaries) shares one bound.
             chat_model: ChatModel = BoundedModel(

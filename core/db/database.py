@@ -74,7 +74,9 @@ class Database:
     ping_timeout: float = 5.0
     """Seconds :meth:`check` and :meth:`ping` wait for ``SELECT 1`` (an unreachable host can hang)."""
 
-    def __init__(self, *, url: str, echo: bool = False) -> None:
+    def __init__(self, *, url: str, echo: bool = False, pool_size: int = 5) -> None:
+        """``pool_size``: connections kept open (a server database); more are opened when needed
+        but closed again on return, so it should cover what the process uses at once."""
         self.url = make_url(url)
         kwargs: dict[str, Any] = {"echo": echo}
         if self.url.get_backend_name() == "sqlite":
@@ -87,6 +89,7 @@ class Database:
             # the whole pool, and callers retry connection errors (``retrying``, the worker's outage
             # retry). Recycling stops idle connections from outliving server or proxy idle timeouts.
             kwargs["pool_recycle"] = 1800
+            kwargs["pool_size"] = pool_size
         self._engine = create_async_engine(self.url, **kwargs)
         if self.url.get_backend_name() == "sqlite":
             event.listen(self._engine.sync_engine, "connect", _on_sqlite_connect)
