@@ -73,8 +73,8 @@ def _plain_weight_buffers() -> Iterator[None]:
     Built natively on a CPU with AMX (Xeon Sapphire Rapids and later), llama.cpp repacks the weights
     into AMX buffers, and decoding a prompt of a few hundred tokens with them crashes the process
     (segmentation fault, llama-cpp-python 0.3.36). ``Llama()`` has no argument for this field of the
-    model parameters, so the defaults it starts from are patched while it loads. Repacking only speeds
-    up some quantisations on some CPUs; for the embedded model the difference does not show.
+    model parameters, so the defaults it starts from are patched while it loads. Repacking is only a
+    speed-up, for some quantisations on some CPUs.
     """
     import llama_cpp.llama_cpp as native
 
