@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 
+from core.errors import StoreError
 from core.stores.base import StateStore
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class SharedRate:
         self._name = name
         self._per_second = per_second
         self._local_next = 0.0
+        self._alone = False  # the store failed: this process paces itself until it answers again
 
     async def wait(self) -> int:
         """Return when one more send fits in the current second, waiting for a later one if needed;
@@ -38,10 +40,15 @@ class SharedRate:
             window = int(now)
             try:
                 taken = await self._store.incr(f"pace:{self._name}:{window}", ttl=2.0)
-            except Exception:
-                log.warning("send rate store unavailable; pacing this process alone", exc_info=True)
+            except StoreError:
+                if not self._alone:  # once per outage, not once per message
+                    log.warning("send rate store unavailable; pacing this process alone", exc_info=True)
+                    self._alone = True
                 await self._wait_locally()
                 return int(time.time())
+            if self._alone:
+                log.info("send rate store answers again; pacing %s with the other processes", self._name)
+                self._alone = False
             if taken <= self._per_second:
                 return window
             await asyncio.sleep(window + 1 - now)
