@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
-
 import pytest
 
 from core.db.database import Database
@@ -13,27 +10,8 @@ from core.faq.cache import FaqCache
 from core.faq.repository import FaqRepository
 from core.faq.service import FaqService, RetrieverHolder, refresh_faq_cache, sync_faq
 from core.stores.base import StateStore
-from core.stores.memory import MemoryStore
 from core.stores.redis import RedisStore
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
-    if request.param == "memory":
-        async with MemoryStore() as memory:
-            yield memory
-        return
-    prefix = f"kefu-test:{uuid.uuid4().hex}:"
-    redis_store = RedisStore(url=REDIS_URL, prefix=prefix)
-    try:
-        yield redis_store
-    finally:
-        keys = [k async for k in redis_store.client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await redis_store.client.delete(*keys)
-        await redis_store.aclose()
+from tests.core.conftest import REDIS_URL, drop_keys, unique_prefix
 
 
 class Clock:
@@ -108,7 +86,7 @@ async def test_rebuild_swaps_atomically_and_old_answers_disappear_everywhere(sto
 
 
 async def test_old_generation_keys_are_deleted_from_redis() -> None:
-    prefix = f"kefu-test:{uuid.uuid4().hex}:"
+    prefix = unique_prefix()
     redis_store = RedisStore(url=REDIS_URL, prefix=prefix)
     try:
         cache = FaqCache(store=redis_store)
@@ -123,9 +101,7 @@ async def test_old_generation_keys_are_deleted_from_redis() -> None:
         for key in keys:  # everything expires eventually, even if no rebuild ever runs again
             assert await redis_store.client.pttl(key) > 0
     finally:
-        keys = [k async for k in redis_store.client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await redis_store.client.delete(*keys)
+        await drop_keys(redis_store.client, prefix)
         await redis_store.aclose()
 
 

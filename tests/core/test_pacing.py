@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 
 from core.errors import StoreError
 from core.pacing import SharedRate
+from core.stores.base import StateStore
 from core.stores.memory import MemoryStore
-from core.stores.redis import RedisStore
-from tests.core.test_stores import REDIS_URL, drop_keys, unique_prefix
-
-
-@pytest.fixture
-async def redis_store() -> AsyncIterator[RedisStore]:
-    prefix = unique_prefix()
-    store = RedisStore(url=REDIS_URL, prefix=prefix)
-    try:
-        yield store
-    finally:
-        await drop_keys(store.client, prefix)
-        await store.aclose()
 
 
 async def send_times(rates: list[SharedRate], each: int) -> list[int]:
@@ -38,10 +25,9 @@ async def send_times(rates: list[SharedRate], each: int) -> list[int]:
     return seconds
 
 
-@pytest.mark.redis
-async def test_two_workers_share_one_bots_limit(redis_store: RedisStore) -> None:
+async def test_two_workers_share_one_bots_limit(store: StateStore) -> None:
     # Two processes' senders of one bot, 10 sends a second allowed in all, 15 sends each.
-    workers = [SharedRate(store=redis_store, name="telegram:42", per_second=10) for _ in range(2)]
+    workers = [SharedRate(store=store, name="telegram:42", per_second=10) for _ in range(2)]
     seconds = await send_times(workers, each=15)
     # 30 sends at 10 a second need three seconds: alone, each worker would have needed two.
     assert max(seconds) - min(seconds) >= 2

@@ -3,26 +3,13 @@ and PostgreSQL (the fixtures of tests/db)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from redis.asyncio import Redis
 
 from core.stores.redis import RedisStore
+from tests.core.conftest import REDIS_URL, drop_keys, unique_prefix
 from tests.db.conftest import database, db_url, pg_database  # noqa: F401 - fixtures for this folder
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def unique_prefix() -> str:
-    return f"kefu-test-ops-{uuid.uuid4().hex[:10]}:"
-
-
-async def drop_keys(client: Redis, prefix: str) -> None:
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await client.delete(*keys)
 
 
 @pytest.fixture
