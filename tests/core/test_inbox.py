@@ -16,8 +16,8 @@ from core.inbox.factory import build_inbox
 from core.inbox.memory import MemoryInbox
 from core.inbox.redis import RedisInbox
 from core.messages import ConversationKey, InboundMessage
+from tests.core.conftest import REDIS_URL
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 RECEIVED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -17,8 +16,7 @@ from core.messages import ConversationKey, InboundMessage
 from core.stores.base import StateStore
 from core.stores.memory import MemoryStore
 from core.stores.redis import RedisStore
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
+from tests.core.conftest import REDIS_URL, drop_keys, unique_prefix
 
 
 def message(n: int, user: str = "ada") -> InboundMessage:
@@ -34,15 +32,13 @@ def message(n: int, user: str = "ada") -> InboundMessage:
 @contextlib.asynccontextmanager
 async def on_redis() -> AsyncIterator[tuple[RedisStore, RedisInbox]]:
     """A store and an inbox on one Redis, under a prefix of their own, removed afterwards."""
-    prefix = f"kefu-test:{uuid.uuid4().hex}:"
+    prefix = unique_prefix()
     store = RedisStore(url=REDIS_URL, prefix=prefix)
     inbox = RedisInbox(url=REDIS_URL, stream=f"{prefix}inbox", dead_stream=f"{prefix}inbox:dead")
     try:
         yield store, inbox
     finally:
-        keys = [k async for k in store.client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await store.client.delete(*keys)
+        await drop_keys(store.client, prefix)
         await inbox.aclose()
         await store.aclose()
 
