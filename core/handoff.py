@@ -263,7 +263,7 @@ def _blocked(answer: Message) -> bool:
 
 
 def _unsure(answer: Message, min_confidence: float) -> bool:
-    if answer.meta.get("fallback") == "unknown":
+    if answer.meta.get("fallback") in ("unknown", "suggest"):
         return True
     confidence = answer.meta.get("confidence")
     return (
@@ -287,11 +287,11 @@ async def maybe_request_human(
     """After a turn is stored: ask for a person when the bot keeps failing the customer.
 
     Looks at the latest answers in the transcript: ``guard_blocks`` input-guard refusals in a row, or
-    ``unsure_answers`` fallback answers in a row that were the "unknown" apology or an FAQ answer below
-    ``min_confidence``. A hand-off notice or a person's reply ends a streak, so a conversation handed
-    back to the bot starts counting afresh. Returns the trigger (``"guard_blocks"`` or
-    ``"low_confidence"``) when the conversation moved to ``waiting``, else None; the engine then adds
-    the ``handoff_waiting`` text to its answer.
+    ``unsure_answers`` fallback answers in a row that were the apology (with or without FAQ
+    suggestions) or an FAQ answer below ``min_confidence``. A hand-off notice or a person's reply ends
+    a streak, so a conversation handed back to the bot starts counting afresh. Returns the trigger
+    (``"guard_blocks"`` or ``"low_confidence"``) when the conversation moved to ``waiting``, else None;
+    the engine then adds the ``handoff_waiting`` text to its answer.
 
     Reading the stored transcript keeps no extra state, so it works the same in every process.
     ``latest`` is the answer just stored: when it was neither refused nor unsure no streak can have

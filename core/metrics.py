@@ -14,7 +14,9 @@ exposes exactly kefu's metrics plus the process's CPU/memory, and tests read val
 ``kefu_model_errors_total{error}``                  model failures by error class
 ``kefu_tool_calls_total{tool}``                     tool calls; ``kefu_tool_errors_total{tool}`` failures
 ``kefu_faq_cache_lookups_total{result}``            FAQ cache hit / miss
-``kefu_fallbacks_total{reason,answer}``             answers from the FAQ fallback (model down/unusable)
+``kefu_fallbacks_total{reason,answer}``             answers from the FAQ fallback (model down/unusable):
+                                                    answer = faq / suggest / unknown
+``kefu_faq_suggestions_picked_total``               FAQ suggestions a customer picked by number
 ``kefu_guard_blocks_total{category}``               messages the input guard refused
 ``kefu_circuit_breaker_state{breaker,state}``       1 for the breaker's current state (scrape time)
 ``kefu_circuit_breaker_opened_total{breaker}``      how often the breaker opened
@@ -68,6 +70,7 @@ __all__ = [
     "dead_lettered",
     "fallback_used",
     "faq_cache_lookup",
+    "faq_suggestion_picked",
     "guard_blocked",
     "inbox_reclaimed",
     "message_received",
@@ -122,6 +125,9 @@ FALLBACKS = Counter(
     "Answers given by the FAQ fallback instead of the model.",
     ["reason", "answer"],
     registry=REGISTRY,
+)
+FAQ_PICKS = Counter(
+    "kefu_faq_suggestions_picked", "FAQ suggestions a customer picked by number.", registry=REGISTRY
 )
 GUARD_BLOCKS = Counter(
     "kefu_guard_blocks", "Messages the input guard refused.", ["category"], registry=REGISTRY
@@ -209,8 +215,13 @@ def faq_cache_lookup(*, hit: bool) -> None:
 
 def fallback_used(reason: str, answer: str) -> None:
     """The FAQ fallback answered: ``reason`` why the model did not (error class or ``model_circuit_open``),
-    ``answer`` what the fallback gave (``faq`` or ``unknown``)."""
+    ``answer`` what the fallback gave (``faq``, ``suggest`` or ``unknown``)."""
     FALLBACKS.labels(reason=reason, answer=answer).inc()
+
+
+def faq_suggestion_picked() -> None:
+    """A customer answered the fallback's FAQ suggestions with a number."""
+    FAQ_PICKS.inc()
 
 
 def guard_blocked(category: str | None) -> None:

@@ -100,6 +100,16 @@ TEXTS: dict[str, dict[Language, str]] = {
         "en": "Sorry, the assistant cannot answer this right now. We have kept your message and the team "
         'will follow up; reply "human" to reach a person, or leave your contact details for a ticket.',
     },
+    "limited_mode_suggest": {
+        "zh": "抱歉，智能客服正在简化模式下运行，没能确定您的问题。您想问的是下面哪一个？回复序号即可：",
+        "en": "Sorry, the assistant is running in limited mode and is not sure what you are asking. "
+        "Is it one of these? Reply with its number:",
+    },
+    "limited_mode_suggest_none": {
+        "zh": "都不是？您的消息已记录，客服会尽快跟进；也可以回复“人工”联系人工客服。",
+        "en": 'None of these? We have kept your message and the team will follow up; reply "human" to '
+        "reach a person.",
+    },
 }
 
 

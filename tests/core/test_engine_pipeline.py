@@ -161,6 +161,32 @@ async def test_model_down_and_no_faq_match_apologises_and_keeps_the_message(
     assert [t.category for t in tickets] == ["followup"]
 
 
+async def test_model_down_offers_close_questions_and_a_numbered_reply_answers(
+    setup: Setup, database: Database, model_up: dict[str, Any]
+) -> None:
+    model_up["up"] = False
+    offer = await setup.engine.handle(msg("退货运费谁出", 1))
+    assert offer.source is ReplySource.FAQ_FALLBACK
+    assert offer.text.startswith(fixed_text("limited_mode_suggest", "zh"))
+    assert "1. 退货政策是什么？" in offer.text.splitlines()
+    assert "How long does shipping take?" not in offer.text  # the customer's language only
+    # The model is back by the time the customer picks: the pick is still answered from the list shown.
+    model_up["up"] = True
+    calls = len(setup.model.requests)
+    picks = metrics.REGISTRY.get_sample_value("kefu_faq_suggestions_picked_total") or 0.0
+    picked = await setup.engine.handle(msg("1", 2))
+    assert (picked.text, picked.source) == (RETURNS, ReplySource.FAQ_FALLBACK)
+    assert len(setup.model.requests) == calls
+    assert metrics.REGISTRY.get_sample_value("kefu_faq_suggestions_picked_total") == picks + 1
+    async with database.session() as session:
+        tickets = (await session.exec(select(Ticket))).all()
+    # The question was kept for follow-up and closed once the customer had the answer they chose.
+    assert [(t.category, t.summary, t.status) for t in tickets] == [("followup", "退货运费谁出", "closed")]
+    # The list was answered: a later "1" is an ordinary message for the model.
+    again = await setup.engine.handle(msg("1", 3))
+    assert again.text == "model answer"
+
+
 async def test_the_breaker_stops_waiting_for_a_dead_model_and_recovers(
     setup: Setup, model_up: dict[str, Any]
 ) -> None:

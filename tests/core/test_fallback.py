@@ -1,4 +1,5 @@
-"""FAQ fallback while the model is down: FAQ answers with a limited-mode note, else apology + follow-up."""
+"""FAQ fallback while the model is down: FAQ answers with a limited-mode note, else apology + follow-up
+(with the closest FAQ questions to pick from when the best one is plausible)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from sqlmodel import select
 from core.conversations import ConversationStore
 from core.db.database import Database
 from core.db.models import FaqEntry, Ticket
-from core.faq.fallback import FaqFallback, keep_for_followup
+from core.faq.fallback import FaqFallback, close_followup, keep_for_followup, parse_pick
 from core.faq.service import RetrieverHolder
 from core.messages import ConversationKey
 from core.texts import text as fixed_text
@@ -82,10 +83,66 @@ async def test_below_threshold_apologises_and_the_message_is_kept_once(
     ]
 
 
-async def test_a_strict_threshold_turns_a_weak_match_into_an_apology(holder: RetrieverHolder) -> None:
+async def test_a_strict_threshold_turns_a_weak_match_into_suggestions(holder: RetrieverHolder) -> None:
     loose = await FaqFallback(retriever_holder=holder, threshold=0.0).answer("到账", "zh")
     strict = await FaqFallback(retriever_holder=holder, threshold=0.999).answer("到账", "zh")
-    assert loose.kind == "faq" and strict.kind == "unknown"
+    assert loose.kind == "faq"
+    assert strict.kind == "suggest" and strict.needs_followup
+    # The closest questions of the customer's language only, numbered, best first.
+    assert strict.suggested == (1, 2)
+    assert strict.text.splitlines() == [
+        fixed_text("limited_mode_suggest", "zh"),
+        "1. 退款多久到账？",
+        "2. 支持货到付款吗？",
+        fixed_text("limited_mode_suggest_none", "zh"),
+    ]
+    assert "原路退回" not in strict.text  # no answer is given until the customer picks
+
+
+async def test_a_plausible_but_unsure_match_is_offered_not_answered(holder: RetrieverHolder) -> None:
+    result = await FaqFallback(retriever_holder=holder).answer("退款失败了怎么办", "zh")
+    assert result.kind == "suggest" and result.suggested[0] == 1
+    assert result.confidence is not None and result.confidence < holder.threshold
+    # Nothing plausible: the plain apology, no list.
+    assert (await FaqFallback(retriever_holder=holder).answer("你们的耳机降噪效果怎么样", "zh")).kind == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("reply", "number"),
+    [("2", 2), ("２", 2), (" 3。", 3), ("#1", 1), ("第二个", 2), ("二", 2), ("option 3", 3), ("No. 2", 2)],
+)
+def test_a_reply_that_only_names_a_number_is_a_pick(reply: str, number: int) -> None:
+    assert parse_pick(reply) == number
+
+
+@pytest.mark.parametrize("reply", ["12", "0", "2个月了还没到", "我选2但是不对", "退款", ""])
+def test_other_replies_are_not_picks(reply: str) -> None:
+    assert parse_pick(reply) is None
+
+
+async def test_a_pick_answers_with_the_chosen_entry(holder: RetrieverHolder) -> None:
+    fallback = FaqFallback(retriever_holder=holder)
+    picked = fallback.pick("2", [1, 2])
+    assert picked is not None and picked.kind == "picked" and not picked.needs_followup
+    assert (picked.entry_id, picked.text) == (2, "暂不支持货到付款。")
+    assert fallback.pick("3", [1, 2]) is None  # not on the list
+    assert fallback.pick("好的", [1, 2]) is None
+    await holder.rebuild([e for e in ENTRIES if e.id != 2])
+    assert fallback.pick("2", [1, 2]) is None  # the entry was deleted since
+
+
+async def test_closing_a_followup_closes_only_that_messages_ticket(database: Database) -> None:
+    key = ConversationKey(channel="web", chat_id="s2")
+    conversation = await ConversationStore(db=database).get_or_create(key, user_id="u1", language="zh")
+    for message_id in ("m1", "m2"):
+        await keep_for_followup(
+            database, key=key, conversation_id=conversation.id, message_id=message_id, text=message_id
+        )
+    assert await close_followup(database, key=key, message_id="m1")
+    assert not await close_followup(database, key=key, message_id="m1")  # already closed
+    async with database.session() as session:
+        tickets = (await session.exec(select(Ticket).order_by(Ticket.id))).all()  # type: ignore[arg-type]
+    assert [(t.summary, t.status) for t in tickets] == [("m1", "closed"), ("m2", "open")]
 
 
 async def test_answers_only_in_the_customers_language(holder: RetrieverHolder) -> None:

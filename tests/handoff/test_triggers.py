@@ -75,6 +75,18 @@ async def test_unsure_fallback_answers_ask_for_a_person(database: Database) -> N
     assert await _state(store, cid) == "waiting"
 
 
+async def test_faq_suggestions_are_unsure_and_a_picked_answer_breaks_the_streak(database: Database) -> None:
+    store, cid = await _open(database)
+    suggest = {"fallback": "suggest", "confidence": 0.3, "suggested": [4, 2, 9], "asked": "m1"}
+    await _turn(store, cid, 1, suggest)
+    await _turn(store, cid, 2, {"fallback": "picked", "faq_entry": 4})  # the customer chose an answer
+    await _turn(store, cid, 3, suggest)
+    assert await _request(store, cid, 3) is None
+    await _turn(store, cid, 4, suggest)  # two lists in a row: the bot is not helping
+    assert await _request(store, cid, 4) == "low_confidence"
+    assert await _state(store, cid) == "waiting"
+
+
 async def test_a_conversation_handed_back_starts_counting_afresh(database: Database) -> None:
     store, cid = await _open(database)
     for n in (1, 2):
