@@ -13,6 +13,7 @@ every ``/admin`` path answers 404. A cookie-authenticated POST must come from th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import tempfile
@@ -340,7 +341,14 @@ async def tickets_page(request: Request, console: Console, agent: Agent) -> Resp
 @page
 async def faq_page(request: Request, console: Console, agent: Agent) -> Response:
     entries = await console.faq.repository.list()
-    return _render(request, agent, "faq.html", entries=entries, imported=request.query_params.get("imported"))
+    return _render(
+        request,
+        agent,
+        "faq.html",
+        entries=entries,
+        wordings=await console.learned.wordings(),
+        imported=request.query_params.get("imported"),
+    )
 
 
 @page
@@ -580,6 +588,19 @@ async def api_faq_import(request: Request, console: Console, agent: Agent) -> Re
     return JSONResponse(summary)
 
 
+@api
+async def api_faq_learned(request: Request, console: Console, agent: Agent) -> Response:
+    """GET: customers' wordings waiting for review. POST ``{id}`` with ``action`` accept or reject."""
+    if request.method == "GET":
+        return JSONResponse([dataclasses.asdict(w) for w in await console.learned.wordings()])
+    data = await _payload(request)
+    action = data.get("action")
+    if action not in ("accept", "reject"):
+        raise ConsoleError("action must be accept or reject")
+    done = await console.decide_wording(_path_id(request), agent, accept=action == "accept")
+    return _done(request, {"done": done})
+
+
 # --- API: audit and live updates ---------------------------------------------------------------------
 
 
@@ -647,6 +668,8 @@ routes: list[BaseRoute] = [
             Route("/api/tickets/{id}/close", api_close_ticket, methods=["POST"]),
             Route("/api/faq", api_faq, methods=["GET", "POST"]),
             Route("/api/faq/import", api_faq_import, methods=["POST"]),
+            Route("/api/faq/learned", api_faq_learned, methods=["GET"]),
+            Route("/api/faq/learned/{id}", api_faq_learned, methods=["POST"]),
             Route("/api/faq/{id}", api_faq_entry, methods=["POST", "PUT", "DELETE"]),
             Route("/api/audit/{id}", api_audit, methods=["GET"]),
             Route("/api/events", api_events, methods=["GET"]),

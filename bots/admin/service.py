@@ -24,6 +24,7 @@ from core.db.models import Conversation, Message, Ticket, utcnow
 from core.delivery import SenderRegistry
 from core.errors import DeliveryError, KefuError
 from core.faq.cache import FaqCache
+from core.faq.learning import LearnedPhrasings
 from core.faq.service import FaqService, RetrieverHolder
 from core.messages import ConversationKey, Language, Reply, ReplySource
 from core.runtime import Runtime
@@ -98,6 +99,7 @@ class Console:
         self.faq = _ConsoleFaq(
             db=runtime.db, store=runtime.store, retriever_holder=runtime.faq_index, cache=runtime.faq_cache
         )
+        self.learned = LearnedPhrasings(db=runtime.db)
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -313,6 +315,32 @@ class Console:
         return closed
 
     # --- FAQ ----------------------------------------------------------------------------------------
+
+    async def decide_wording(self, wording_id: int, agent: Agent, *, accept: bool) -> bool:
+        """Accept a learned customer wording (it becomes an alternative phrasing of its entry, served at
+        once) or reject it; False when it is not waiting for review."""
+        pending = {w.id: w for w in await self.learned.wordings()}
+        wording = pending.get(wording_id)
+        if wording is None:
+            return False
+        if accept:
+            done = bool(await self.learned.accept([wording_id]))
+            if done:
+                await self.faq.refresh()
+        else:
+            done = bool(await self.learned.reject([wording_id]))
+        if done:
+            await self._audit(
+                "admin",
+                None,
+                agent,
+                {
+                    "action": "faq_wording_accepted" if accept else "faq_wording_rejected",
+                    "entry": wording.entry_id,
+                    "wording": wording.phrasing,
+                },
+            )
+        return done
 
     async def note(self, agent: Agent, action: str, **data: Any) -> None:
         await self._audit("admin", None, agent, {"action": action, **data})

@@ -10,6 +10,7 @@ from pydantic import SecretStr
 
 from bots.admin.auth import COOKIE, session_cookie
 from core.db.models import Message
+from core.faq.learning import LearnedPhrasings
 from core.messages import ReplySource
 from tests.admin.conftest import ADMIN_TOKEN, BEARER, admin_settings, running_console
 
@@ -187,6 +188,51 @@ async def test_faq_import_from_the_upload_form(tmp_path: Path) -> None:
             files={"file": ("faq.csv", b"question\nno answer\n", "text/csv")},
         )
         assert bad.status_code == 400 and "error" in bad.json()
+
+
+async def test_an_accepted_customer_wording_is_answered_from_the_faq_at_once(tmp_path: Path) -> None:
+    async with running_console(admin_settings(tmp_path)) as console:
+        created = await console.http.post(
+            "/admin/api/faq",
+            headers=BEARER,
+            json={"question": "退货政策是什么", "answer": "七天无理由退货。", "language": "zh"},
+        )
+        entry_id = created.json()["id"]
+        learned = LearnedPhrasings(db=console.runtime.db)
+        # Two customers picked the entry from the suggestions after asking in their own words.
+        await learned.record_pick(entry_id=entry_id, question="买错了能寄回去吗")
+        await learned.record_pick(entry_id=entry_id, question="你们是骗子吧")
+        assert (await console.customer_says("买错了能寄回去吗")).source is not ReplySource.FAQ_CACHE
+
+        await console.login()
+        page = await console.http.get("/admin/faq")
+        assert "买错了能寄回去吗" in page.text and "你们是骗子吧" in page.text
+        wordings = (await console.http.get("/admin/api/faq/learned", headers=BEARER)).json()
+        ids = {w["phrasing"]: w["id"] for w in wordings}
+        accepted = await console.http.post(
+            f"/admin/api/faq/learned/{ids['买错了能寄回去吗']}",
+            data={"next": "/admin/faq#learned", "action": "accept"},
+        )
+        assert accepted.status_code == 303, accepted.text
+        rejected = await console.http.post(
+            f"/admin/api/faq/learned/{ids['你们是骗子吧']}", headers=BEARER, json={"action": "reject"}
+        )
+        assert rejected.json() == {"done": True}
+        again = await console.http.post(
+            f"/admin/api/faq/learned/{ids['你们是骗子吧']}", headers=BEARER, json={"action": "accept"}
+        )
+        assert again.json() == {"done": False}  # no longer waiting for review
+        bad = await console.http.post(
+            f"/admin/api/faq/learned/{ids['你们是骗子吧']}", headers=BEARER, json={}
+        )
+        assert bad.status_code == 400
+
+        # The wording is one of the entry's phrasings now, served from the FAQ cache in this process.
+        reply = await console.customer_says("买错了能寄回去吗", chat_id="another-customer")
+        assert (reply.text, reply.source) == ("七天无理由退货。", ReplySource.FAQ_CACHE)
+        assert (await console.http.get("/admin/api/faq/learned", headers=BEARER)).json() == []
+        entry = (await console.http.get("/admin/api/faq", headers=BEARER)).json()[0]
+        assert entry["alternatives"] == ["买错了能寄回去吗"]
 
 
 async def test_tickets_are_created_closed_and_audited(tmp_path: Path) -> None:
