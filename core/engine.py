@@ -500,7 +500,9 @@ class Engine:
         suggested = previous.meta.get("suggested")
         if previous.meta.get("fallback") != "suggest" or not isinstance(suggested, list):
             return False
-        picked = self._fallback.pick(text, [int(entry) for entry in suggested])
+        if not all(isinstance(entry, int) for entry in suggested):
+            return False
+        picked = self._fallback.pick(text, suggested)
         if picked is None:
             return False
         metrics.faq_suggestion_picked()
