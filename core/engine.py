@@ -520,7 +520,9 @@ class Engine:
             # wording is kept for an operator to add to the entry.
             await close_followup(db, key=message.key, message_id=asked)
             if question is not None and picked.entry_id is not None:
-                await LearnedPhrasings(db=db).record_pick(entry_id=picked.entry_id, question=question)
+                await LearnedPhrasings(db=db).record_pick(
+                    entry_id=picked.entry_id, question=question, pick_id=f"{message.key}:{message.message_id}"
+                )
         except KefuError:
             log.error("could not file a picked suggestion", exc_info=True, extra=_log_extra(message))
         return True

@@ -203,6 +203,8 @@ class FaqLearned(SQLModel, table=True):
     phrasing_key: str = Field(max_length=64)
     """sha256 of the normalised phrasing: one row per wording and entry."""
     picks: int = 1
+    last_pick: str | None = Field(default=None, max_length=64)
+    """Which pick was counted last (hash of conversation and message): a re-processed one counts once."""
     status: str = Field(default="pending", max_length=16, index=True)
     """pending | accepted | rejected."""
     created_at: datetime = _ts()

@@ -72,26 +72,42 @@ class LearnedPhrasings:
     def __init__(self, *, db: Database) -> None:
         self._db = db
 
-    async def record_pick(self, *, entry_id: int, question: str) -> bool:
-        """Count a pick of ``entry_id`` after ``question``; False when the wording is not kept."""
+    async def record_pick(self, *, entry_id: int, question: str, pick_id: str | None = None) -> bool:
+        """Count a pick of ``entry_id`` after ``question``; False when the wording is not kept.
+
+        ``pick_id`` names the pick (the picking message): the same pick counted again, as when a message
+        is re-processed after a crash, does not add to the count.
+        """
         wording = learnable(question)
         if wording is None:
             return False
         key = _key(wording)
+        last = hashlib.sha256(pick_id.encode("utf-8")).hexdigest() if pick_id is not None else None
         try:
             for _ in range(2):  # a concurrent first pick of the same wording: count on the row it made
                 async with self._db.session() as session:
-                    counted = await session.exec(
-                        update(FaqLearned)
-                        .where(col(FaqLearned.entry_id) == entry_id, col(FaqLearned.phrasing_key) == key)
-                        .values(picks=col(FaqLearned.picks) + 1, updated_at=utcnow())
-                    )
-                    if counted.rowcount:
+                    row = (
+                        await session.exec(
+                            select(FaqLearned).where(
+                                FaqLearned.entry_id == entry_id, FaqLearned.phrasing_key == key
+                            )
+                        )
+                    ).first()
+                    if row is not None:
+                        if last is not None and row.last_pick == last:
+                            return True  # this pick was counted already
+                        await session.exec(
+                            update(FaqLearned)
+                            .where(col(FaqLearned.id) == row.id)
+                            .values(picks=col(FaqLearned.picks) + 1, last_pick=last, updated_at=utcnow())
+                        )
                         await session.commit()
                         return True
                     if await session.get(FaqEntry, entry_id) is None:
                         return False  # the entry was deleted since the suggestion was shown
-                    session.add(FaqLearned(entry_id=entry_id, phrasing=wording, phrasing_key=key))
+                    session.add(
+                        FaqLearned(entry_id=entry_id, phrasing=wording, phrasing_key=key, last_pick=last)
+                    )
                     try:
                         await session.commit()
                     except IntegrityError:

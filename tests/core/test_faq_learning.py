@@ -56,6 +56,15 @@ async def test_picks_are_counted_per_wording_and_entry(database: Database) -> No
     assert [r.picks for r in await learned.wordings(min_picks=2)] == [2]
 
 
+async def test_a_reprocessed_pick_is_counted_once(database: Database) -> None:
+    entry = await FaqRepository(db=database).add(question="多久发货？", answer="48 小时内发货。")
+    assert entry.id is not None
+    learned = LearnedPhrasings(db=database)
+    for pick in ("web:a:m2", "web:a:m2", "web:b:m9"):  # m2 again: its first attempt crashed after counting
+        assert await learned.record_pick(entry_id=entry.id, question="什么时候寄出", pick_id=pick)
+    assert [r.picks for r in await learned.wordings()] == [2]
+
+
 async def test_concurrent_first_picks_make_one_row(database: Database) -> None:
     entry = await FaqRepository(db=database).add(question="How long does shipping take?", answer="2-5 days.")
     assert entry.id is not None

@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("phrasing", sa.Text(), nullable=False),
         sa.Column("phrasing_key", sa.String(length=64), nullable=False),
         sa.Column("picks", sa.Integer(), nullable=False),
+        sa.Column("last_pick", sa.String(length=64), nullable=True),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
