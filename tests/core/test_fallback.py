@@ -3,15 +3,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from sqlmodel import select
 
 from core.conversations import ConversationStore
 from core.db.database import Database
 from core.db.models import FaqEntry, Ticket
+from core.errors import ModelUnavailable
 from core.faq.fallback import FaqFallback, close_followup, keep_for_followup, parse_pick
-from core.faq.service import RetrieverHolder
-from core.messages import ConversationKey
+from core.faq.repository import FaqRepository
+from core.faq.service import RetrieverHolder, refresh_faq_cache
+from core.llm.base import ChatRequest
+from core.llm.testing import FunctionModel
+from core.messages import ConversationKey, InboundMessage
+from core.runtime import Runtime
+from core.settings import load_settings
 from core.texts import text as fixed_text
 
 ENTRIES = [
@@ -156,3 +164,38 @@ async def test_answers_only_in_the_customers_language(holder: RetrieverHolder) -
 async def test_before_the_index_is_built_the_customer_still_gets_the_apology() -> None:
     result = await FaqFallback(retriever_holder=RetrieverHolder(embedder=None)).answer("退款多久到账", "zh")
     assert result.kind == "unknown"
+
+
+# The customer's wording matches the entry with a lexical confidence of about 0.43: below the
+# calibrated default, above an operator's bolder 0.4.
+@pytest.mark.parametrize(("min_confidence", "kind"), [(None, "suggest"), (0.4, "faq")])
+async def test_the_operator_sets_how_sure_an_faq_answer_must_be(
+    tmp_path: Path, min_confidence: float | None, kind: str
+) -> None:
+    settings = load_settings(
+        _env_file=None,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'kefu.db'}",
+        redis_url=None,
+        scheduler_enabled=False,
+        faq_min_confidence=min_confidence,
+    )
+
+    def model_down(request: ChatRequest) -> str:
+        raise ModelUnavailable("connection refused")
+
+    async with Runtime.open(settings, model=FunctionModel(model_down)) as runtime:
+        await FaqRepository(db=runtime.db).add(
+            question="退款多久到账？", answer="原路退回，1-3 个工作日到账。"
+        )
+        await refresh_faq_cache(db=runtime.db, store=runtime.store, retriever_holder=runtime.faq_index)
+        key = ConversationKey(channel="web", chat_id="s1")
+        reply = await runtime.engine.handle(
+            InboundMessage(
+                key=key, user_id="u1", message_id="m1", text="我的退款什么时候能到账啊", language="zh"
+            )
+        )
+    if kind == "faq":
+        assert reply.text.startswith("原路退回，1-3 个工作日到账。")
+    else:
+        assert reply.text.startswith(fixed_text("limited_mode_suggest", "zh"))
+        assert "1. 退款多久到账？" in reply.text
