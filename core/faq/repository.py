@@ -29,12 +29,12 @@ from typing import Any, Literal, TextIO
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
-from sqlalchemy import delete, func
+from sqlalchemy import func
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
 from core.db.database import Database
-from core.db.models import FaqEntry, FaqLearned, utcnow
+from core.db.models import FaqEntry, utcnow
 from core.errors import DatabaseError, KefuError
 from core.faq.normalize import normalize_question
 from core.messages import Language
@@ -431,13 +431,12 @@ class FaqRepository:
         return entry
 
     async def delete(self, entry_id: int) -> bool:
-        """Delete an entry and the wordings learned for it; False when it did not exist."""
+        """Delete an entry (the wordings learned for it go with it: ON DELETE CASCADE); False when it did
+        not exist."""
         async with self._session_errors("delete a FAQ entry"), self._db.session() as session:
             entry = await session.get(FaqEntry, entry_id)
             if entry is None:
                 return False
-            # PostgreSQL cascades too; SQLite enforces no foreign keys unless asked to.
-            await session.exec(delete(FaqLearned).where(col(FaqLearned.entry_id) == entry_id))
             await session.delete(entry)
             await session.commit()
         return True
