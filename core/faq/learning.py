@@ -149,8 +149,9 @@ class LearnedPhrasings:
     async def accept(self, ids: Sequence[int] = (), *, min_picks: int | None = None) -> list[LearnedPhrasing]:
         """Add pending wordings (by id, and/or all with at least ``min_picks`` picks) to their entries'
         alternatives; returns the accepted ones. A wording the entry already has is only marked."""
+        wanted = set(ids)
         pending = await self.wordings()
-        chosen = [p for p in pending if p.id in set(ids) or (min_picks is not None and p.picks >= min_picks)]
+        chosen = [p for p in pending if p.id in wanted or (min_picks is not None and p.picks >= min_picks)]
         repository = FaqRepository(db=self._db)
         for item in chosen:
             entry = await repository.get(item.entry_id)
