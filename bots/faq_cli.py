@@ -1,10 +1,12 @@
-"""``kefu faq``: import and export the FAQ, review wordings learned from customers.
+"""``kefu faq``: import and export the FAQ, review wordings learned from customers and written by the model.
 
     kefu faq import FILE                        add or update entries from a .csv, .yaml or .json file
     kefu faq export [FILE] [--format csv|yaml|json]   write every entry (to stdout without FILE)
     kefu faq learned [--all] [--min-picks N]    customers' wordings that led to an entry, for review
     kefu faq accept [ID ...] [--min-picks N]    add them to their entries' alternative phrasings
     kefu faq reject ID ...                      never propose them again
+    kefu faq expand [ID ...] [--rewrite] [--limit N]   have the model write customer phrasings
+    kefu faq phrasings [ID] [--drop N ...]      list the model's phrasings (of one entry), drop bad ones
 
 An import is all or nothing: a bad row rejects the file, listing each problem with its line number.
 With a shared store (``KEFU_REDIS_URL``) the FAQ cache is rebuilt at once; running servers also notice
@@ -23,14 +25,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from bots.cli_support import EXIT_CONFIG, EXIT_FAILED, settings_of
+from bots.cli_support import EXIT_CONFIG, EXIT_FAILED, fail, run, settings_of
+from core.db.models import FaqEntry
 from core.errors import KefuError
 from core.faq.learning import LearnedPhrasing, LearnedPhrasings
+from core.faq.phrasings import ExpandReport, current_generated
 from core.faq.repository import FORMATS, FaqRepository, Format, ImportReport, detect_format
 from core.settings import Settings
 
 faq_app = typer.Typer(
-    help="FAQ commands: import and export entries, review wordings learned from customers.",
+    help="FAQ commands: import and export entries, review wordings learned from customers or written by "
+    "the model.",
     no_args_is_help=True,
 )
 
@@ -215,3 +220,105 @@ async def _decide(settings: Settings, *, accept: bool, ids: list[int], min_picks
         if accepted and settings.redis_url:
             await _refresh_shared_cache(settings, FaqRepository(db=db))
         return len(accepted)
+
+
+@faq_app.command("expand")
+def expand_command(
+    ctx: typer.Context,
+    ids: Annotated[list[int] | None, typer.Argument(help="Entry ids (default: every entry).")] = None,
+    rewrite: Annotated[
+        bool, typer.Option("--rewrite", help="Also entries whose phrasings are current: write them anew.")
+    ] = False,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most this many entries.")] = None,
+) -> None:
+    """Have the model write KEFU_FAQ_PHRASINGS customer phrasings for FAQ entries that have none for
+    their current question and answer. The fallback matches them while the model is down; phrasings
+    closer to another entry than to their own are dropped."""
+    settings = settings_of(ctx)
+    if settings.faq_phrasings == 0:
+        raise fail("KEFU_FAQ_PHRASINGS is 0: the model writes no phrasings", EXIT_CONFIG)
+    report = run(_expand(settings, ids=ids, rewrite=rewrite, limit=limit))
+    typer.echo(
+        f"{report.phrasings} phrasing(s) stored for {report.entries} entry(ies)"
+        f" ({report.ambiguous} dropped as closer to another entry); {report.waiting} still waiting"
+    )
+    if report.failed:
+        raise fail(
+            f"the model could not write phrasings for entry {report.failed[0]}; try again later", EXIT_FAILED
+        )
+
+
+async def _expand(
+    settings: Settings, *, ids: list[int] | None, rewrite: bool, limit: int | None
+) -> ExpandReport:
+    from core.db.database import Database
+    from core.db.migrate import upgrade_async
+    from core.faq.phrasings import PhrasingWriter, expand_faq
+    from core.faq.retriever import DEFAULT_EMBEDDER
+    from core.faq.service import RetrieverHolder
+    from core.llm.factory import build_model
+
+    if settings.auto_migrate:
+        await upgrade_async(settings.database_url)
+    async with Database(url=settings.database_url) as db, build_model(settings) as model:
+        return await expand_faq(
+            repository=FaqRepository(db=db),
+            writer=PhrasingWriter(model=model, count=settings.faq_phrasings),
+            retriever_holder=RetrieverHolder(embedder=DEFAULT_EMBEDDER if settings.faq_embeddings else None),
+            entry_ids=ids or None,
+            limit=limit,
+            rewrite=rewrite,
+        )
+
+
+@faq_app.command("phrasings")
+def phrasings_command(
+    ctx: typer.Context,
+    entry_id: Annotated[int | None, typer.Argument(help="One entry (default: all).")] = None,
+    drop: Annotated[
+        list[int] | None, typer.Option("--drop", help="Drop the entry's phrasing number N (repeatable).")
+    ] = None,
+) -> None:
+    """List the phrasings the model wrote (stale ones, written for an earlier question or answer, are
+    not used); with ``--drop`` remove bad ones from one entry."""
+    settings = settings_of(ctx)
+    if drop and entry_id is None:
+        raise fail("--drop needs the entry id", EXIT_CONFIG)
+    entries = run(_phrasings(settings, entry_id=entry_id, drop=drop or []))
+    rows = [(e, n, text) for e in entries for n, text in enumerate(e.generated, start=1)]
+    if drop:
+        typer.echo(f"{len(drop)} phrasing(s) dropped from entry {entry_id}")
+    if not rows:
+        typer.echo("no phrasings written by the model")
+        return
+    table = Table("entry", "n", "phrasing", "state", box=None)
+    for entry, n, text in rows:
+        state = "used" if current_generated(entry) else "stale"
+        table.add_row(f"{entry.id} {entry.question}", str(n), text, state)
+    Console(soft_wrap=True).print(table)
+
+
+async def _phrasings(settings: Settings, *, entry_id: int | None, drop: list[int]) -> list[FaqEntry]:
+    from core.db.database import Database
+    from core.db.migrate import upgrade_async
+
+    if settings.auto_migrate:
+        await upgrade_async(settings.database_url)
+    async with Database(url=settings.database_url) as db:
+        repository = FaqRepository(db=db)
+        if entry_id is None:
+            return await repository.list()
+        entry = await repository.get(entry_id)
+        if entry is None:
+            raise KefuError(f"no FAQ entry {entry_id}")
+        if drop:
+            bad = [n for n in drop if not 1 <= n <= len(entry.generated)]
+            if bad:
+                raise KefuError(
+                    f"entry {entry_id} has {len(entry.generated)} phrasing(s); no number {bad[0]}"
+                )
+            dropped = set(drop)
+            kept = [text for n, text in enumerate(entry.generated, start=1) if n not in dropped]
+            await repository.set_generated(entry, kept, written_for=entry.generated_for or "")
+            entry = await repository.get(entry_id) or entry
+        return [entry]

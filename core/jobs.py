@@ -9,6 +9,10 @@ Each job does one piece of upkeep and returns a small JSON-able dict saying what
   pinned facts are written to SQL on every turn, and a pruned conversation starts again at message 1.
 - :func:`refresh_faq`: rebuild the FAQ cache and this process's retrieval index from the FAQ table, then
   warm the most-asked entries (by the cache's hit counters) and report any that are no longer served.
+- :func:`expand_faq_entries`: have the model write customer phrasings for FAQ entries that have none
+  for their current text (``core.faq.phrasings``), a few entries per run, so the fallback matches
+  customers' own words when the model is down. Scheduled with Ollama or an OpenAI-compatible server
+  and ``KEFU_FAQ_PHRASINGS`` > 0; the embedded 135M model cannot paraphrase.
 - :func:`purge_audit`: delete audit records past ``KEFU_AUDIT_RETENTION_DAYS``.
 - :func:`release_stale_handoffs`: hand conversations nobody picked up (``waiting`` longer than
   ``KEFU_HANDOFF_TIMEOUT_MINUTES``) back to the bot; the hand-off ticket stays open, the customer is told.
@@ -37,6 +41,7 @@ from core.db.models import Conversation, FaqEntry, Message, Ticket, UTCDateTime,
 from core.delivery import SenderRegistry
 from core.errors import DeliveryError, LockError
 from core.faq.cache import FaqCache
+from core.faq.phrasings import PhrasingWriter, expand_faq
 from core.faq.repository import FaqRepository
 from core.faq.service import RetrieverHolder
 from core.handoff import BOT, WAITING
@@ -54,6 +59,7 @@ __all__ = [
     "Job",
     "JobIntervals",
     "Notifier",
+    "expand_faq_entries",
     "inbox_stats",
     "notify_through",
     "prune_idle_sessions",
@@ -211,6 +217,20 @@ async def _served(cache: FaqCache, entry: FaqEntry) -> bool:
     return hit is not None and hit.entry_id == entry.id
 
 
+async def expand_faq_entries(
+    *, db: Database, writer: PhrasingWriter, retriever_holder: RetrieverHolder, per_run: int = 10
+) -> JobResult:
+    """Write phrasings for up to ``per_run`` entries that need them (:func:`core.faq.phrasings.expand_faq`).
+
+    The run stops at the first model failure; those entries are tried again next run. Stored phrasings
+    move the FAQ fingerprint, so every process re-indexes within its FAQ refresh interval.
+    """
+    report = await expand_faq(
+        repository=FaqRepository(db=db), writer=writer, retriever_holder=retriever_holder, limit=per_run
+    )
+    return report.as_dict()
+
+
 # --- audit ------------------------------------------------------------------------------------------
 
 
@@ -365,6 +385,7 @@ class JobIntervals:
 
     prune_sessions: float = 300.0
     refresh_faq: float = 600.0
+    expand_faq: float = 900.0
     purge_audit: float = 3600.0
     release_handoffs: float = 60.0
     inbox_stats: float = 30.0
@@ -385,6 +406,10 @@ def standard_jobs(
     async def faq() -> JobResult:
         return await refresh_faq(db=runtime.db, retriever_holder=runtime.faq_index, cache=runtime.faq_cache)
 
+    async def expand() -> JobResult:
+        writer = PhrasingWriter(model=runtime.model, count=settings.faq_phrasings)
+        return await expand_faq_entries(db=runtime.db, writer=writer, retriever_holder=runtime.faq_index)
+
     async def audit() -> JobResult:
         return await purge_audit(audit=runtime.audit, retention_days=settings.audit_retention_days)
 
@@ -400,7 +425,7 @@ def standard_jobs(
     async def inbox() -> JobResult:
         return await inbox_stats(inbox=runtime.inbox)
 
-    return [
+    jobs = [
         Job("prune_sessions", prune, every.prune_sessions, "delete the shared state of idle conversations"),
         # Not at start: every process syncs its FAQ cache and index when it opens (watch_faq).
         Job(
@@ -416,3 +441,13 @@ def standard_jobs(
         ),
         Job("inbox_stats", inbox, every.inbox_stats, "inbox depth and dead letters"),
     ]
+    if settings.faq_phrasings > 0 and settings.llm_backend != "llamacpp":
+        jobs.append(
+            Job(
+                "expand_faq",
+                expand,
+                every.expand_faq,
+                "have the model write customer phrasings for FAQ entries",
+            )
+        )
+    return jobs

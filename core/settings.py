@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     """While the model is down, answer from the FAQ only at this confidence or above (below it the
     customer gets the closest questions to pick from). Unset: the calibrated 0.7 (85 % precision on the
     public dev data)."""
+    faq_phrasings: int = Field(default=16, ge=0, le=50)
+    """Customer phrasings the model writes for each FAQ entry while it is up (``kefu faq expand``, and the
+    ``expand_faq`` job with Ollama or an OpenAI-compatible server); the fallback matches them when the
+    model is down. 0 turns it off."""
 
     # platforms
     telegram_token: SecretStr | None = None

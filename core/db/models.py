@@ -182,6 +182,10 @@ class FaqEntry(SQLModel, table=True):
     language: str = Field(default="zh", max_length=8, index=True)
     tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     enabled: bool = True
+    generated: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    """Phrasings the model wrote for the entry (``core.faq.phrasings``): indexed for retrieval only."""
+    generated_for: str | None = Field(default=None, max_length=64)
+    """Hash of the question and answer ``generated`` was written for: an edit makes them stale."""
     created_at: datetime = _ts()
     updated_at: datetime = _ts(onupdate=True)
 

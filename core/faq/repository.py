@@ -29,7 +29,7 @@ from typing import Any, Literal, TextIO
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
@@ -429,6 +429,25 @@ class FaqRepository:
             await session.commit()
             await session.refresh(entry)
         return entry
+
+    async def set_generated(self, entry: FaqEntry, phrasings: Sequence[str], *, written_for: str) -> bool:
+        """Store the phrasings the model wrote for ``entry`` (``written_for``: the hash of the question and
+        answer they were written for); False when the entry is gone or its question, answer or language
+        changed meanwhile, so phrasings of an old wording are never stored against a new one."""
+        statement = (
+            update(FaqEntry)
+            .where(
+                col(FaqEntry.id) == entry.id,
+                col(FaqEntry.question) == entry.question,
+                col(FaqEntry.answer) == entry.answer,
+                col(FaqEntry.language) == entry.language,
+            )
+            .values(generated=list(phrasings), generated_for=written_for, updated_at=utcnow())
+        )
+        async with self._session_errors("store generated FAQ phrasings"), self._db.session() as session:
+            result = await session.exec(statement)
+            await session.commit()
+        return bool(result.rowcount)
 
     async def delete(self, entry_id: int) -> bool:
         """Delete an entry (the wordings learned for it go with it: ON DELETE CASCADE); False when it did

@@ -20,6 +20,7 @@ from typing import Any
 from core.db.database import Database
 from core.db.models import FaqEntry
 from core.faq.cache import FaqCache
+from core.faq.phrasings import current_generated
 from core.faq.repository import FaqRepository, Format, ImportReport
 from core.faq.retriever import (
     DEFAULT_EMBEDDER,
@@ -72,6 +73,7 @@ class RetrieverHolder:
                 alternatives=tuple(e.alternatives),
                 answer=e.answer,
                 language=e.language,
+                generated=current_generated(e),
             )
             for e in entries
             if e.enabled and e.id is not None

