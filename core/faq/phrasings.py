@@ -55,7 +55,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_PHRASINGS: Final = 16
-"""Phrasings asked for per entry. On the public sets 16 beat 8 (zh top-1 0.78 vs 0.74, same precision)."""
+"""Phrasings asked for per entry (``KEFU_FAQ_PHRASINGS``); the published figures use 16."""
 
 INSTRUCTIONS: Final = (
     "You help a customer-service team. Given one FAQ question, write alternative phrasings: ways real "
@@ -100,12 +100,11 @@ def needs_phrasings(entry: FaqEntry) -> bool:
 class PhrasingWriter:
     """Asks the model for ``count`` customer phrasings of an entry's question and cleans what it writes."""
 
-    def __init__(self, *, model: ChatModel, count: int = DEFAULT_PHRASINGS, model_name: str | None = None):
+    def __init__(self, *, model: ChatModel, count: int = DEFAULT_PHRASINGS) -> None:
         if count < 1:
             raise ValueError("count must be at least 1")
         self._model = model
         self._count = count
-        self._model_name = model_name
 
     def request(self, entry: FaqEntry) -> ChatRequest:
         """The model request for ``entry`` (its answer goes along, so the model keeps to its scope)."""
@@ -121,7 +120,6 @@ class PhrasingWriter:
             json_schema=_SCHEMA,
             temperature=0.8,
             max_tokens=self._count * _TOKENS_PER_PHRASING,
-            model=self._model_name,
         )
 
     async def write(self, entry: FaqEntry) -> list[str]:
