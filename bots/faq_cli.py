@@ -312,13 +312,8 @@ async def _phrasings(settings: Settings, *, entry_id: int | None, drop: list[int
         if entry is None:
             raise KefuError(f"no FAQ entry {entry_id}")
         if drop:
-            bad = [n for n in drop if not 1 <= n <= len(entry.generated)]
-            if bad:
-                raise KefuError(
-                    f"entry {entry_id} has {len(entry.generated)} phrasing(s); no number {bad[0]}"
-                )
-            dropped = set(drop)
-            kept = [text for n, text in enumerate(entry.generated, start=1) if n not in dropped]
-            await repository.set_generated(entry, kept, written_for=entry.generated_for or "")
-            entry = await repository.get(entry_id) or entry
+            try:
+                entry = await repository.drop_generated(entry_id, drop)
+            except (KeyError, ValueError) as exc:
+                raise KefuError(str(exc)) from None
         return [entry]

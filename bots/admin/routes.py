@@ -46,6 +46,7 @@ from bots.admin.auth import (
 from bots.admin.service import STATES, TICKET_STATUSES, Console, ConsoleError
 from core.db.models import FaqEntry, Message, Ticket
 from core.errors import KefuError
+from core.faq.phrasings import current_generated
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -347,6 +348,7 @@ async def faq_page(request: Request, console: Console, agent: Agent) -> Response
         "faq.html",
         entries=entries,
         wordings=await console.learned.wordings(),
+        phrasings={e.id: current_generated(e) for e in entries},
         imported=request.query_params.get("imported"),
     )
 
@@ -400,6 +402,7 @@ def _faq_json(entry: FaqEntry) -> dict[str, Any]:
         "language": entry.language,
         "tags": entry.tags,
         "enabled": entry.enabled,
+        "generated": list(current_generated(entry)),
     }
 
 
@@ -601,6 +604,15 @@ async def api_faq_learned(request: Request, console: Console, agent: Agent) -> R
     return _done(request, {"done": done})
 
 
+@api
+async def api_faq_phrasings(request: Request, console: Console, agent: Agent) -> Response:
+    """POST ``{id}`` with ``drop`` = the number of a phrasing the model wrote: remove it."""
+    data = await _payload(request)
+    number = _int(data.get("drop"), "drop")
+    done = await console.drop_phrasing(_path_id(request), number, agent)
+    return _done(request, {"done": done})
+
+
 # --- API: audit and live updates ---------------------------------------------------------------------
 
 
@@ -671,6 +683,7 @@ routes: list[BaseRoute] = [
             Route("/api/faq/learned", api_faq_learned, methods=["GET"]),
             Route("/api/faq/learned/{id}", api_faq_learned, methods=["POST"]),
             Route("/api/faq/{id}", api_faq_entry, methods=["POST", "PUT", "DELETE"]),
+            Route("/api/faq/{id}/phrasings", api_faq_phrasings, methods=["POST"]),
             Route("/api/audit/{id}", api_audit, methods=["GET"]),
             Route("/api/events", api_events, methods=["GET"]),
         ],

@@ -342,6 +342,23 @@ class Console:
             )
         return done
 
+    async def drop_phrasing(self, entry_id: int, number: int, agent: Agent) -> bool:
+        """Remove phrasing ``number`` (1-based) the model wrote for an entry, from the index at once; False
+        when the entry or the number does not exist."""
+        entry = await self.faq.repository.get(entry_id)
+        if entry is None or not 1 <= number <= len(entry.generated):
+            return False
+        phrasing = entry.generated[number - 1]
+        try:
+            await self.faq.repository.drop_generated(entry_id, [number])
+        except (KeyError, ValueError):  # deleted or changed meanwhile
+            return False
+        await self.faq.refresh()
+        await self._audit(
+            "admin", None, agent, {"action": "faq_phrasing_dropped", "entry": entry_id, "phrasing": phrasing}
+        )
+        return True
+
     async def note(self, agent: Agent, action: str, **data: Any) -> None:
         await self._audit("admin", None, agent, {"action": action, **data})
 

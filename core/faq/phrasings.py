@@ -15,8 +15,9 @@ kept only when:
 
 Kept phrasings live on the entry (``faq_entries.generated``) with the hash of the question, answer and
 language they were written for (``generated_for``). When an operator edits the entry they stop being
-indexed at once and :func:`expand_faq` writes new ones. They are used for retrieval only: the exact-match
-cache, the console and ``kefu faq export`` show the operator's phrasings alone.
+indexed at once and :func:`expand_faq` writes new ones. They are used for retrieval only (the fallback
+and ``search_faq``): the exact-match cache and ``kefu faq export`` keep to the operator's phrasings; the
+console lists the model's apart, and an operator can drop a bad one.
 """
 
 from __future__ import annotations

@@ -449,6 +449,21 @@ class FaqRepository:
             await session.commit()
         return bool(result.rowcount)
 
+    async def drop_generated(self, entry_id: int, numbers: Sequence[int]) -> FaqEntry:
+        """Remove the model's phrasings number ``numbers`` (1-based, as listed) from an entry. They are not
+        written again until the entry's text changes. KeyError when the entry does not exist, ValueError
+        for a number it does not have."""
+        entry = await self.get(entry_id)
+        if entry is None:
+            raise KeyError(entry_id)
+        bad = [n for n in numbers if not 1 <= n <= len(entry.generated)]
+        if bad:
+            raise ValueError(f"entry {entry_id} has {len(entry.generated)} phrasing(s); no number {bad[0]}")
+        dropped = set(numbers)
+        kept = [text for n, text in enumerate(entry.generated, start=1) if n not in dropped]
+        await self.set_generated(entry, kept, written_for=entry.generated_for or "")
+        return await self.get(entry_id) or entry
+
     async def delete(self, entry_id: int) -> bool:
         """Delete an entry (the wordings learned for it go with it: ON DELETE CASCADE); False when it did
         not exist."""

@@ -11,6 +11,8 @@ from pydantic import SecretStr
 from bots.admin.auth import COOKIE, session_cookie
 from core.db.models import Message
 from core.faq.learning import LearnedPhrasings
+from core.faq.phrasings import source_key
+from core.faq.repository import FaqRepository
 from core.messages import ReplySource
 from tests.admin.conftest import ADMIN_TOKEN, BEARER, admin_settings, running_console
 
@@ -233,6 +235,44 @@ async def test_an_accepted_customer_wording_is_answered_from_the_faq_at_once(tmp
         assert (await console.http.get("/admin/api/faq/learned", headers=BEARER)).json() == []
         entry = (await console.http.get("/admin/api/faq", headers=BEARER)).json()[0]
         assert entry["alternatives"] == ["买错了能寄回去吗"]
+
+
+async def test_phrasings_the_model_wrote_are_shown_and_can_be_dropped(tmp_path: Path) -> None:
+    async with running_console(admin_settings(tmp_path)) as console:
+        created = await console.http.post(
+            "/admin/api/faq",
+            headers=BEARER,
+            json={"question": "When will my card arrive?", "answer": "Within 7 days.", "language": "en"},
+        )
+        entry_id = created.json()["id"]
+        repository = FaqRepository(db=console.runtime.db)
+        entry = await repository.get(entry_id)
+        assert entry is not None
+        # What the expand_faq job stores after the model wrote for the entry.
+        await repository.set_generated(
+            entry, ["where is my card", "card not here yet"], written_for=source_key(entry)
+        )
+
+        await console.login()
+        page = await console.http.get("/admin/faq")
+        assert "Phrasings the model wrote (2)" in page.text and "card not here yet" in page.text
+        dropped = await console.http.post(
+            f"/admin/api/faq/{entry_id}/phrasings",
+            data={"next": f"/admin/faq#generated-{entry_id}", "drop": "1"},
+        )
+        assert dropped.status_code == 303, dropped.text
+        listed = (await console.http.get("/admin/api/faq", headers=BEARER)).json()[0]
+        assert listed["generated"] == ["card not here yet"] and listed["alternatives"] == []
+        # Out of this process's index at once, not at the next refresh.
+        retriever = console.runtime.faq_index.retriever
+        assert retriever is not None and retriever.doc(entry_id).generated == ("card not here yet",)
+
+        missing = await console.http.post(
+            f"/admin/api/faq/{entry_id}/phrasings", headers=BEARER, json={"drop": 5}
+        )
+        assert missing.json() == {"done": False}
+        bad = await console.http.post(f"/admin/api/faq/{entry_id}/phrasings", headers=BEARER, json={})
+        assert bad.status_code == 400
 
 
 async def test_tickets_are_created_closed_and_audited(tmp_path: Path) -> None:
