@@ -256,6 +256,7 @@ async def _expand(
     from core.faq.phrasings import PhrasingWriter, expand_faq
     from core.faq.retriever import DEFAULT_EMBEDDER
     from core.faq.service import RetrieverHolder
+    from core.faq.vectors import VectorStore
     from core.llm.factory import build_model
 
     if settings.auto_migrate:
@@ -264,7 +265,9 @@ async def _expand(
         return await expand_faq(
             repository=FaqRepository(db=db),
             writer=PhrasingWriter(model=model, count=settings.faq_phrasings),
-            retriever_holder=RetrieverHolder(embedder=DEFAULT_EMBEDDER if settings.faq_embeddings else None),
+            retriever_holder=RetrieverHolder(
+                embedder=DEFAULT_EMBEDDER if settings.faq_embeddings else None, vectors=VectorStore(db=db)
+            ),
             entry_ids=ids or None,
             limit=limit,
             rewrite=rewrite,

@@ -8,7 +8,8 @@ Each job does one piece of upkeep and returns a small JSON-able dict saying what
   conversations idle longer than ``KEFU_SESSION_IDLE_MINUTES``. Nothing is lost: history, summary and
   pinned facts are written to SQL on every turn, and a pruned conversation starts again at message 1.
 - :func:`refresh_faq`: rebuild the FAQ cache and this process's retrieval index from the FAQ table, then
-  warm the most-asked entries (by the cache's hit counters) and report any that are no longer served.
+  warm the most-asked entries (by the cache's hit counters) and report any that are no longer served;
+  stored vectors of phrasings no longer indexed are deleted (``core.faq.vectors``).
 - :func:`expand_faq_entries`: have the model write customer phrasings for FAQ entries that have none
   for their current text (``core.faq.phrasings``), a few entries per run, so the fallback matches
   customers' own words when the model is down. Scheduled with Ollama or an OpenAI-compatible server
@@ -209,7 +210,14 @@ async def refresh_faq(
     cold = [entry.id for entry, ok in zip(top, served, strict=True) if not ok]
     if cold:
         log.warning("most-asked FAQ entries not served from the cache: %s", cold)
-    return {"entries": len(entries), "warmed": len(top) - len(cold), "cold": cold, "top": [e.id for e in top]}
+    pruned = await retriever_holder.prune_vectors()
+    return {
+        "entries": len(entries),
+        "warmed": len(top) - len(cold),
+        "cold": cold,
+        "top": [e.id for e in top],
+        "vectors_pruned": pruned,
+    }
 
 
 async def _served(cache: FaqCache, entry: FaqEntry) -> bool:

@@ -31,6 +31,7 @@ from core.faq.cache import FaqCache
 from core.faq.fallback import FaqFallback
 from core.faq.retriever import DEFAULT_EMBEDDER
 from core.faq.service import RetrieverHolder, watch_faq
+from core.faq.vectors import VectorStore
 from core.guards import InputGuard
 from core.guards.output_guard import OutputModerator
 from core.inbox.base import Inbox
@@ -89,7 +90,9 @@ class Runtime:
             keyring = await asyncio.to_thread(keyring_from_settings, settings)
             conversations = ConversationStore(db=db, keyring=keyring)
             audit = AuditLog(db=db, keyring=keyring)
-            faq_index = RetrieverHolder(embedder=DEFAULT_EMBEDDER if settings.faq_embeddings else None)
+            faq_index = RetrieverHolder(
+                embedder=DEFAULT_EMBEDDER if settings.faq_embeddings else None, vectors=VectorStore(db=db)
+            )
             faq_cache = FaqCache(store=store)
             faq_synced = asyncio.Event()
             watcher = asyncio.create_task(

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Dialect,
     ForeignKey,
     Integer,
+    LargeBinary,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -213,6 +214,19 @@ class FaqLearned(SQLModel, table=True):
     """pending | accepted | rejected."""
     created_at: datetime = _ts()
     updated_at: datetime = _ts(onupdate=True)
+
+
+class FaqVector(SQLModel, table=True):
+    """The embedding of one FAQ phrasing in one view, kept so that a process that starts, or another
+    replica, does not embed every phrasing again (``core.faq.vectors``)."""
+
+    __tablename__ = "faq_vectors"
+
+    key: str = Field(primary_key=True, max_length=64)
+    """sha256 of the embedder's name, the view and the text."""
+    vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    """float32 values, little-endian."""
+    created_at: datetime = _ts()
 
 
 class AuditRecord(SQLModel, table=True):

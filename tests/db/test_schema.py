@@ -35,6 +35,7 @@ TABLES = {
     "tickets",
     "faq_entries",
     "faq_learned",
+    "faq_vectors",
     "audit_records",
 }
 
