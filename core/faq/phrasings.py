@@ -26,7 +26,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from core.db.models import FaqEntry
@@ -182,13 +182,7 @@ class ExpandReport:
     """Entries still without current phrasings after the run."""
 
     def as_dict(self) -> dict[str, object]:
-        return {
-            "entries": self.entries,
-            "phrasings": self.phrasings,
-            "ambiguous": self.ambiguous,
-            "failed": self.failed,
-            "waiting": self.waiting,
-        }
+        return asdict(self)
 
 
 async def expand_faq(
@@ -203,9 +197,9 @@ async def expand_faq(
     """Write phrasings for up to ``limit`` entries that need them (``entry_ids``: those entries only;
     ``rewrite``: even when their phrasings are current), oldest first.
 
-    The index in ``retriever_holder`` is rebuilt from the table first, so the ambiguity check sees
-    every entry as it is now. A model failure ends the run: the entry is reported in ``failed`` and is
-    tried again next run; nothing already stored is lost.
+    The index in ``retriever_holder`` is rebuilt from the table first unless it is current, so the
+    ambiguity check sees every entry as it is now. A model failure ends the run: the entry is reported
+    in ``failed`` and is tried again next run; nothing already stored is lost.
     """
     entries = await repository.list(enabled_only=True)
     fingerprint = await repository.fingerprint()
@@ -218,7 +212,9 @@ async def expand_faq(
     report = ExpandReport()
     if not todo:
         return report
-    retriever = await retriever_holder.rebuild(entries, fingerprint=fingerprint)
+    retriever = retriever_holder.retriever
+    if retriever is None or retriever_holder.fingerprint != fingerprint or not retriever.uses_embedder:
+        retriever = await retriever_holder.rebuild(entries, fingerprint=fingerprint)
     batch = todo if limit is None else todo[:limit]
     for entry in batch:
         try:

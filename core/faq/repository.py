@@ -462,7 +462,8 @@ class FaqRepository:
         dropped = set(numbers)
         kept = [text for n, text in enumerate(entry.generated, start=1) if n not in dropped]
         await self.set_generated(entry, kept, written_for=entry.generated_for or "")
-        return await self.get(entry_id) or entry
+        entry.generated = kept
+        return entry
 
     async def delete(self, entry_id: int) -> bool:
         """Delete an entry (the wordings learned for it go with it: ON DELETE CASCADE); False when it did

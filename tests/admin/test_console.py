@@ -14,7 +14,7 @@ from core.faq.learning import LearnedPhrasings
 from core.faq.phrasings import source_key
 from core.faq.repository import FaqRepository
 from core.messages import ReplySource
-from tests.admin.conftest import ADMIN_TOKEN, BEARER, admin_settings, running_console
+from tests.admin.conftest import ADMIN_TOKEN, BEARER, Console, admin_settings, running_console
 
 ADMIN_PATHS = [
     "/admin",
@@ -192,14 +192,17 @@ async def test_faq_import_from_the_upload_form(tmp_path: Path) -> None:
         assert bad.status_code == 400 and "error" in bad.json()
 
 
+async def add_entry(console: Console, question: str, answer: str, language: str) -> int:
+    """Add an FAQ entry through the console's API; returns its id."""
+    created = await console.http.post(
+        "/admin/api/faq", headers=BEARER, json={"question": question, "answer": answer, "language": language}
+    )
+    return int(created.json()["id"])
+
+
 async def test_an_accepted_customer_wording_is_answered_from_the_faq_at_once(tmp_path: Path) -> None:
     async with running_console(admin_settings(tmp_path)) as console:
-        created = await console.http.post(
-            "/admin/api/faq",
-            headers=BEARER,
-            json={"question": "退货政策是什么", "answer": "七天无理由退货。", "language": "zh"},
-        )
-        entry_id = created.json()["id"]
+        entry_id = await add_entry(console, "退货政策是什么", "七天无理由退货。", "zh")
         learned = LearnedPhrasings(db=console.runtime.db)
         # Two customers picked the entry from the suggestions after asking in their own words.
         await learned.record_pick(entry_id=entry_id, question="买错了能寄回去吗")
@@ -239,12 +242,7 @@ async def test_an_accepted_customer_wording_is_answered_from_the_faq_at_once(tmp
 
 async def test_phrasings_the_model_wrote_are_shown_and_can_be_dropped(tmp_path: Path) -> None:
     async with running_console(admin_settings(tmp_path)) as console:
-        created = await console.http.post(
-            "/admin/api/faq",
-            headers=BEARER,
-            json={"question": "When will my card arrive?", "answer": "Within 7 days.", "language": "en"},
-        )
-        entry_id = created.json()["id"]
+        entry_id = await add_entry(console, "When will my card arrive?", "Within 7 days.", "en")
         repository = FaqRepository(db=console.runtime.db)
         entry = await repository.get(entry_id)
         assert entry is not None
